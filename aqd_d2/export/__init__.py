@@ -1,0 +1,1 @@
+"""(registrations are imported here)"""

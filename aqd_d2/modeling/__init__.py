@@ -1,0 +1,3 @@
+"""Detectron2 building blocks that aqd_d2 registers (backbones, meta-architectures, losses)."""
+from . import backbone  # noqa: F401
+from . import meta_arch  # noqa: F401

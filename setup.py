@@ -1,0 +1,21 @@
+#!/usr/bin/env python
+"""Install aqd_d2 (``pip install -e .``). detectron2 itself is built by tools/bootstrap.py,
+because no detectron2 distribution on PyPI installs as-is (see README)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="aqd_d2",
+    version="0.1.0",
+    description="Quantized and binary object detectors as a detectron2 plugin",
+    packages=find_packages(include=("aqd_d2", "aqd_d2.*")),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.0",
+        "torchvision",
+        "fvcore",
+        "iopath",
+        "pycocotools",
+        "numpy",
+        "Pillow",
+    ],
+)
