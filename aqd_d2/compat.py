@@ -91,6 +91,18 @@ def _shim_compiled_ops() -> None:
     )
     sys.modules["detectron2._C"] = stand_in
     detectron2._C = stand_in
+    # layers/nms.py reaches the rotated NMS through torch.ops.detectron2 (registered by _C),
+    # which would fail with a bare "_OpNamespace has no attribute" error.
+    nms = importlib.import_module("detectron2.layers.nms")
+    layers = importlib.import_module("detectron2.layers")
+
+    def nms_rotated(boxes, scores, iou_threshold):
+        return stand_in.nms_rotated
+
+    nms_rotated.__doc__ = nms.nms_rotated.__doc__
+    nms.nms_rotated = nms_rotated
+    if hasattr(layers, "nms_rotated"):
+        layers.nms_rotated = nms_rotated
     APPLIED.append("detectron2._C stand-in (compiled ops raise MissingCompiledOpError)")
 
 

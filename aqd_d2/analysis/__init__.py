@@ -1,1 +1,1 @@
-"""(registrations are imported here)"""
+"""Model analysis (sizes, FLOPs, BOPs) and visualisation."""

@@ -1,0 +1,63 @@
+"""aqd_d2's Trainer: detectron2's DefaultTrainer with evaluators chosen from the dataset.
+
+Everything a model needs is built through detectron2's registries, so the stock
+``DefaultTrainer`` trains every aqd_d2 detector too; this subclass only adds what
+DefaultTrainer leaves abstract (``build_evaluator``) and works without detectron2's compiled
+ops (plain pycocotools COCOeval when ``detectron2._C`` is absent).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer
+from detectron2.evaluation import (
+    COCOEvaluator,
+    DatasetEvaluator,
+    DatasetEvaluators,
+    PascalVOCDetectionEvaluator,
+)
+
+from .. import compat
+
+__all__ = ["Trainer", "build_evaluator"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
+    """The evaluator for ``dataset_name``.
+
+    ``cfg.AQD.EVALUATOR == "auto"`` picks it from the dataset's metadata ``evaluator_type``
+    ("coco" -> COCOEvaluator, "pascal_voc" -> PascalVOCDetectionEvaluator, the latter
+    reporting VOC07 11-point AP50 and area AP); "coco" / "pascal_voc" force one.
+
+    Raises:
+        ValueError: naming the dataset when no evaluator fits it.
+    """
+    kind = cfg.AQD.EVALUATOR
+    if kind == "auto":
+        kind = getattr(MetadataCatalog.get(dataset_name), "evaluator_type", None)
+    if output_folder is None:
+        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+    if kind == "coco":
+        return COCOEvaluator(
+            dataset_name, output_dir=output_folder, use_fast_impl=compat.has_compiled_ops()
+        )
+    if kind == "pascal_voc":
+        return PascalVOCDetectionEvaluator(dataset_name)
+    raise ValueError(
+        f"no evaluator for dataset {dataset_name!r}: its metadata evaluator_type is {kind!r}; "
+        "set AQD.EVALUATOR to 'coco' or 'pascal_voc', or register the dataset with "
+        "evaluator_type"
+    )
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer + evaluator selection (see :func:`build_evaluator`)."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return DatasetEvaluators([build_evaluator(cfg, dataset_name, output_folder)])

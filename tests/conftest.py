@@ -1,0 +1,43 @@
+"""Shared test setup: datasets go to a per-session temporary DETECTRON2_DATASETS."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Generated datasets are cached per test session (deterministic, so safe to share).
+if "AQD_TEST_KEEP_DATASETS" not in os.environ:
+    import tempfile
+
+    os.environ["DETECTRON2_DATASETS"] = tempfile.mkdtemp(prefix="aqd_d2_test_datasets_")
+
+import aqd_d2  # noqa: E402,F401  (compat + registrations before any test imports detectron2)
+
+
+def tiny_train_opts(output_dir: str, max_iter: int = 2):
+    """Overrides that turn the CPU demo config into a seconds-long run on the tiny dataset."""
+    return [
+        "DATASETS.TRAIN", "('aqd_shapes_tiny_train',)",
+        "DATASETS.TEST", "('aqd_shapes_tiny_val',)",
+        "SOLVER.MAX_ITER", str(max_iter),
+        "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.WARMUP_ITERS", "0",
+        "SOLVER.STEPS", "()",
+        "SOLVER.CHECKPOINT_PERIOD", "1",
+        "INPUT.MIN_SIZE_TRAIN", "(64,)",
+        "INPUT.MIN_SIZE_TEST", "64",
+        "DATALOADER.NUM_WORKERS", "0",
+        "OUTPUT_DIR", str(output_dir),
+    ]
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable
