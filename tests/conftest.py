@@ -41,3 +41,8 @@ def repo_root() -> Path:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+def pytest_configure(config):
+    # torch 2.14 deprecates torch.jit.script, which detectron2 0.6 calls at import time.
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script` is deprecated:FutureWarning")
