@@ -12,13 +12,15 @@ Trailing KEY VALUE pairs override the config.
 import logging
 import os
 
+# aqd_d2 first: it makes detectron2 v0.6 importable on current NumPy / Pillow (aqd_d2.compat)
+# and registers the plugin's builders and datasets.
+import aqd_d2  # noqa: F401  isort:skip
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, hooks
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-import aqd_d2  # noqa: F401  (registers the plugin's builders and datasets)
 from aqd_d2.config import ConfigError, add_aqd_config, validate_aqd_config
 from aqd_d2.engine import Trainer, launch
 
@@ -33,11 +35,16 @@ def setup(args):
         raise ConfigError(f"config file {args.config_file!r} does not exist")
     cfg = get_cfg()
     add_aqd_config(cfg)
+    # yacs reports unknown keys as KeyError (file) / AssertionError (command line) and type
+    # mismatches as ValueError; all of them name the key. Re-raise with where it came from.
     try:
         cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
-    except KeyError as e:  # yacs: "Non-existent config key: ..."
+    except (KeyError, AssertionError, ValueError) as e:
         raise ConfigError(f"{args.config_file}: {e.args[0] if e.args else e}") from None
+    try:
+        cfg.merge_from_list(args.opts)
+    except (KeyError, AssertionError, ValueError) as e:
+        raise ConfigError(f"command-line override: {e.args[0] if e.args else e}") from None
     validate_aqd_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)

@@ -89,6 +89,11 @@ def _shim_compiled_ops() -> None:
     stand_in = _MissingCompiledOps(
         "detectron2._C", "aqd_d2 stand-in: detectron2 was built without its C++ ops"
     )
+    # Build-information queries (detectron2.utils.collect_env, printed by default_setup)
+    # get honest answers instead of errors.
+    stand_in.get_compiler_version = lambda: "none: detectron2 built without its C++ ops"
+    stand_in.get_cuda_version = lambda: "none: detectron2 built without its C++ ops"
+    stand_in.has_cuda = lambda: False
     sys.modules["detectron2._C"] = stand_in
     detectron2._C = stand_in
     # layers/nms.py reaches the rotated NMS through torch.ops.detectron2 (registered by _C),

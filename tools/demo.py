@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import torch
+
+import aqd_d2  # noqa: F401  isort:skip  (compat shims + registrations before detectron2.data)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 

@@ -33,7 +33,9 @@ def _run(args, **kw):
 
 def test_two_iterations_train_evaluate_resume_and_eval_only(tmp_path):
     out = tmp_path / "run"
-    r = _run(["--config-file", CONFIG, *tiny_train_opts(out, max_iter=2)])
+    # score threshold 0: a 3-iteration model must still produce detections to evaluate
+    r = _run(["--config-file", CONFIG, *tiny_train_opts(out, max_iter=3),
+              "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     log = r.stdout + r.stderr
     # detectron2's own logging: losses with ETA, and the COCO evaluation table
@@ -46,14 +48,15 @@ def test_two_iterations_train_evaluate_resume_and_eval_only(tmp_path):
     assert any("bbox/AP" in m for m in metrics)
     assert list(out.glob("events.out.tfevents.*")), "no TensorBoard events written"
 
-    # --resume continues from the last checkpoint (iteration 2) up to MAX_ITER 3
-    r = _run(["--config-file", CONFIG, "--resume", *tiny_train_opts(out, max_iter=3)])
+    # --resume continues from the last checkpoint (iteration 3) up to MAX_ITER 4
+    r = _run(["--config-file", CONFIG, "--resume", *tiny_train_opts(out, max_iter=4)])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "Starting training from iteration 2" in r.stdout + r.stderr
+    assert "Starting training from iteration 3" in r.stdout + r.stderr
 
     # --eval-only with the trained weights
     r = _run(["--config-file", CONFIG, "--eval-only", *tiny_train_opts(out),
-              "MODEL.WEIGHTS", str(out / "model_final.pth")])
+              "MODEL.WEIGHTS", str(out / "model_final.pth"),
+              "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Evaluation results for bbox" in r.stdout + r.stderr
 
