@@ -15,14 +15,13 @@ import os
 # aqd_d2 first: it makes detectron2 v0.6 importable on current NumPy / Pillow (aqd_d2.compat)
 # and registers the plugin's builders and datasets.
 import aqd_d2  # noqa: F401  isort:skip
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, hooks
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from aqd_d2.config import ConfigError, add_aqd_config, validate_aqd_config
-from aqd_d2.engine import Trainer, launch
+from aqd_d2.engine import AQDCheckpointer, Trainer, launch
 
 logger = logging.getLogger("aqd_d2")
 
@@ -55,7 +54,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        AQDCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)

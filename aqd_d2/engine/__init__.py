@@ -1,5 +1,6 @@
 """Training: Trainer (DefaultTrainer subclass), hooks, and the CPU multi-process launcher."""
+from .checkpoint import AQDCheckpointer, CheckpointError
 from .launch import launch, launch_cpu
 from .trainer import Trainer, build_evaluator
 
-__all__ = ["Trainer", "build_evaluator", "launch", "launch_cpu"]
+__all__ = ["AQDCheckpointer", "CheckpointError", "Trainer", "build_evaluator", "launch", "launch_cpu"]

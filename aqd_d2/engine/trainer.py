@@ -21,6 +21,7 @@ from detectron2.evaluation import (
 )
 
 from .. import compat
+from .checkpoint import AQDCheckpointer
 
 __all__ = ["Trainer", "build_evaluator"]
 
@@ -56,7 +57,18 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer + evaluator selection (see :func:`build_evaluator`)."""
+    """DefaultTrainer + evaluator selection (see :func:`build_evaluator`) + atomic,
+    validated checkpoints (:class:`~aqd_d2.engine.checkpoint.AQDCheckpointer`)."""
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ creates self.checkpointer just before building the hooks;
+        # swap in the atomic/validating checkpointer with the same checkpointables so the
+        # PeriodicCheckpointer hook and resume_or_load both use it.
+        old = self.checkpointer
+        self.checkpointer = AQDCheckpointer(
+            old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
+        )
+        return super().build_hooks()
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
