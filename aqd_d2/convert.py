@@ -1,0 +1,548 @@
+"""The conversion pass: the only place where float layers become quantized layers.
+
+``quantize_model(model, QuantPolicy.from_config(cfg))`` decides a precision for every
+``nn.Conv2d`` / ``detectron2.layers.Conv2d`` / ``nn.Linear`` and swaps the chosen ones for
+:class:`~aqd_d2.layers.QConv2d` / :class:`~aqd_d2.layers.QLinear`, which share the float
+layer's parameters: state_dict keys stay unchanged (plus ``*_quantizer.*`` entries) and float
+checkpoints load. Decision for the layer named ``name``, first applicable rule wins:
+
+1. the *last* ``MODEL.QUANT.OVERRIDES`` entry whose regex fully matches ``name``;
+2. its component (longest matching ``COMPONENT_PREFIXES`` prefix, else "other") is not in
+   ``SCOPE``: float;
+3. the first layer (``KEEP_FIRST_FP``) or a last layer (``KEEP_LAST_FP``, ``LAST_LAYERS``):
+   ``FIRST_LAST_BITS`` with ``FIRST_LAST_METHOD`` (default: the same methods). A side whose
+   global bits are 32 stays float, i.e. this rule never lowers a layer's precision;
+4. ``W_METHOD``/``W_BITS`` for the weight, ``A_METHOD``/``A_BITS`` for the layer input.
+
+32 bits means "float": that side gets no quantizer, and a layer float on both sides is not
+swapped. Other conv types (ConvTranspose2d, Conv1d/3d, subclasses of the supported types,
+which may have their own forward) are never swapped; they get a report line saying why.
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+from detectron2.config import CfgNode
+from detectron2.layers import Conv2d
+from tabulate import tabulate
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from aqd_d2.config import ConfigError
+from aqd_d2.layers import QConv2d, QLinear, QuantLayerMixin
+from aqd_d2.quantization import Quantizer, available_quantizers, build_quantizer, get_quantizer_class
+
+__all__ = [
+    "QuantPolicy", "LayerPrecision", "Override", "LayerDecision", "ConversionReport",
+    "quantize_model", "set_quantization_enabled", "quantized_layers", "FLOAT_BITS",
+    "BINARY_METHODS",
+]
+
+logger = logging.getLogger(__name__)
+
+FLOAT_BITS = 32
+#: methods that only exist at 1 bit
+BINARY_METHODS = frozenset({"bnn", "xnor", "bwn", "bireal"})
+#: defaults, identical to those of config.py (a test checks it)
+DEFAULT_SCOPE = ("backbone", "fpn", "head")
+DEFAULT_COMPONENT_PREFIXES = (
+    ("backbone", "backbone.bottom_up."), ("fpn", "backbone.fpn_lateral"),
+    ("fpn", "backbone.fpn_output"), ("fpn", "backbone.top_block."), ("backbone", "backbone."),
+    ("head", "head."), ("head", "proposal_generator."), ("head", "roi_heads."),
+)
+DEFAULT_LAST_LAYERS = (
+    r"head\.(cls_score|bbox_pred|ctrness)",
+    r"proposal_generator\.rpn_head\.(objectness_logits|anchor_deltas)",
+    r"roi_heads\.box_predictor\..*", r"roi_heads\.mask_head\.predictor",
+)
+_SWAPS = {nn.Conv2d: QConv2d, Conv2d: QConv2d, nn.Linear: QLinear}
+
+
+# ==== policy ==================================================================================
+@dataclass(frozen=True)
+class LayerPrecision:
+    """Methods and bits of one layer's weight and input (32 bits = that side is float)."""
+
+    w_method: str
+    w_bits: int
+    a_method: str
+    a_bits: int
+
+    @property
+    def is_float(self) -> bool:
+        return self.w_bits >= FLOAT_BITS and self.a_bits >= FLOAT_BITS
+
+    def describe(self, role: str) -> str:
+        """``"liq/4"`` for the given role ("weight"/"activation"), ``"float"`` at 32 bits."""
+        m, b = (self.w_method, self.w_bits) if role == "weight" else (self.a_method, self.a_bits)
+        return "float" if b >= FLOAT_BITS else f"{m}/{b}"
+
+
+@dataclass(frozen=True)
+class Override:
+    """One parsed ``MODEL.QUANT.OVERRIDES`` entry ``"regex:w_method:w_bits:a_method:a_bits"``
+    (empty fields take the global value; the regex may itself contain ':')."""
+
+    text: str
+    pattern: str
+    precision: LayerPrecision
+
+    @classmethod
+    def parse(cls, text: str, default: LayerPrecision, key: str) -> "Override":
+        parts = text.rsplit(":", 4)
+        if len(parts) != 5 or not parts[0]:
+            raise ConfigError(
+                f"{key} = {text!r}: expected 'regex:w_method:w_bits:a_method:a_bits' "
+                "(empty fields keep the global value), e.g. 'head\\..*:liq:2:liq:2'"
+            )
+        pattern, wm, wb, am, ab = parts
+        try:
+            re.compile(pattern)
+            wb_i = int(wb) if wb else default.w_bits
+            ab_i = int(ab) if ab else default.a_bits
+        except (re.error, ValueError) as e:
+            raise ConfigError(f"{key} = {text!r}: {e}") from None
+        p = LayerPrecision(wm or default.w_method, wb_i, am or default.a_method, ab_i)
+        return cls(text, pattern, p)
+
+
+def _parse_kwargs(entries: Sequence[str], key: str) -> Dict[str, Any]:
+    """``["name=value", ...]`` -> dict; values via ``ast.literal_eval``, else kept as str."""
+    out = {}
+    for e in entries:
+        name, sep, value = str(e).partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise ConfigError(f"{key} entry {e!r}: expected 'name=value'")
+        try:
+            out[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[name.strip()] = value.strip()
+    return out
+
+
+def _is_binary_method(method: str) -> bool:
+    """Binary (1-bit only) method: a known binary name, or a registered class whose
+    ``allowed_bits`` is (1,)."""
+    if method in BINARY_METHODS:
+        return True
+    if method in available_quantizers():
+        return tuple(getattr(get_quantizer_class(method), "allowed_bits", ())) == (1,)
+    return False
+
+
+def _accepts(method: str, kwarg: str) -> bool:
+    return kwarg in inspect.signature(get_quantizer_class(method).__init__).parameters
+
+
+@dataclass
+class QuantPolicy:
+    """The precision policy, one field per ``MODEL.QUANT`` key (see config.py for each).
+
+    Construction validates values that do not need the model (bits, method names, binary
+    methods at 1 bit, regexes); :func:`quantize_model` checks what needs it.
+    """
+
+    w_method: str = "liq"
+    w_bits: int = 4
+    a_method: str = "liq"
+    a_bits: int = 4
+    scope: Tuple[str, ...] = DEFAULT_SCOPE
+    component_prefixes: Tuple[Union[str, Tuple[str, str]], ...] = DEFAULT_COMPONENT_PREFIXES
+    keep_first_fp: bool = True
+    first_layer: str = ""
+    keep_last_fp: bool = True
+    last_layers: Tuple[str, ...] = DEFAULT_LAST_LAYERS
+    first_last_bits: int = FLOAT_BITS
+    first_last_method: str = ""
+    overrides: Tuple[Union[str, Override], ...] = ()
+    w_norm: bool = True
+    w_kwargs: Dict[str, Any] = field(default_factory=dict)
+    a_kwargs: Dict[str, Any] = field(default_factory=dict)
+    check_methods: bool = field(default=True, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Strings are accepted as in the config: "component:prefix" and override strings.
+        prefixes = []
+        for e in self.component_prefixes:
+            comp, sep, prefix = str(e).partition(":") if isinstance(e, str) else (e[0], ":", e[1])
+            if not sep or not comp or not prefix:
+                raise ConfigError(
+                    f"MODEL.QUANT.COMPONENT_PREFIXES entry {e!r}: expected 'component:prefix', "
+                    "e.g. 'fpn:backbone.fpn_lateral'"
+                )
+            prefixes.append((comp, prefix))
+        self.component_prefixes = tuple(prefixes)
+        self.overrides = tuple(
+            o if isinstance(o, Override)
+            else Override.parse(o, self.default_precision(), f"MODEL.QUANT.OVERRIDES[{i}]")
+            for i, o in enumerate(self.overrides)
+        )
+        self.scope, self.last_layers = tuple(self.scope), tuple(self.last_layers)
+        self.validate()
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, check_methods: bool = True) -> "QuantPolicy":
+        """Read and validate ``cfg.MODEL.QUANT``.
+
+        Args:
+            cfg: a config on which :func:`aqd_d2.add_aqd_config` was called.
+            check_methods: also check that the methods are registered and build with the
+                given bits/role/options (False skips that, e.g. for a disabled policy).
+        Returns:
+            the policy.
+        Raises:
+            ConfigError: naming the offending key.
+        """
+        q = cfg.MODEL.QUANT
+        return cls(
+            w_method=q.W_METHOD, w_bits=int(q.W_BITS), a_method=q.A_METHOD, a_bits=int(q.A_BITS),
+            scope=tuple(q.SCOPE), component_prefixes=tuple(q.COMPONENT_PREFIXES),
+            keep_first_fp=bool(q.KEEP_FIRST_FP), first_layer=q.FIRST_LAYER,
+            keep_last_fp=bool(q.KEEP_LAST_FP), last_layers=tuple(q.LAST_LAYERS),
+            first_last_bits=int(q.FIRST_LAST_BITS), first_last_method=q.FIRST_LAST_METHOD,
+            overrides=tuple(q.OVERRIDES), w_norm=bool(q.W_NORM),
+            w_kwargs=_parse_kwargs(q.W_KWARGS, "MODEL.QUANT.W_KWARGS"),
+            a_kwargs=_parse_kwargs(q.A_KWARGS, "MODEL.QUANT.A_KWARGS"),
+            check_methods=check_methods,
+        )
+
+    # ---- precisions -------------------------------------------------------------------------
+    def default_precision(self) -> LayerPrecision:
+        return LayerPrecision(self.w_method, self.w_bits, self.a_method, self.a_bits)
+
+    def first_last_precision(self) -> LayerPrecision:
+        b = self.first_last_bits
+        wb = FLOAT_BITS if self.w_bits >= FLOAT_BITS else b
+        ab = FLOAT_BITS if self.a_bits >= FLOAT_BITS else b
+        return LayerPrecision(
+            self.first_last_method or self.w_method, wb, self.first_last_method or self.a_method, ab
+        )
+
+    def _kwargs(self, method: str, role: str) -> Dict[str, Any]:
+        """Options passed to the quantizer: only those its constructor names (W_NORM goes to
+        methods with a ``weight_norm`` argument, e.g. LIQ)."""
+        kw = dict(self.w_kwargs if role == "weight" else self.a_kwargs)
+        if role == "weight":
+            kw.setdefault("weight_norm", self.w_norm)
+        return {k: v for k, v in kw.items() if _accepts(method, k)}
+
+    def build_quantizers(self, p: LayerPrecision) -> Tuple[Optional[Quantizer], Optional[Quantizer]]:
+        """``(weight_quantizer, input_quantizer)`` for precision ``p`` (None for a float side)."""
+        wq = aq = None
+        if p.w_bits < FLOAT_BITS:
+            wq = build_quantizer(p.w_method, p.w_bits, "weight", **self._kwargs(p.w_method, "weight"))
+        if p.a_bits < FLOAT_BITS:
+            aq = build_quantizer(p.a_method, p.a_bits, "activation", **self._kwargs(p.a_method, "activation"))
+        return wq, aq
+
+    # ---- validation --------------------------------------------------------------------------
+    def _check_side(self, where: str, method: str, bits: int, role: str, keys: Tuple[str, str]) -> None:
+        km, kb = keys
+        if bits == FLOAT_BITS:
+            return
+        if not 1 <= bits <= 8:
+            raise ConfigError(f"{where}{kb} = {bits}: bits must be in 1..8, or 32 for float")
+        if _is_binary_method(method) and bits != 1:
+            raise ConfigError(f"{where}{km} = {method!r} is a binary method: {kb} must be 1, got {bits}")
+        if not self.check_methods:
+            return
+        known = available_quantizers()
+        if method not in known:
+            raise ConfigError(f"{where}{km} = {method!r} is not a known quantization method; known: {known}")
+        try:
+            build_quantizer(method, bits, role, **self._kwargs(method, role))
+        except (TypeError, ValueError, KeyError) as e:
+            raise ConfigError(f"{where}{km} = {method!r} with {kb} = {bits} ({role}s): {e}") from None
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the MODEL.QUANT key of any bad value."""
+        k = "MODEL.QUANT."
+        self._check_side(k, self.w_method, self.w_bits, "weight", ("W_METHOD", "W_BITS"))
+        self._check_side(k, self.a_method, self.a_bits, "activation", ("A_METHOD", "A_BITS"))
+        if self.first_last_bits != FLOAT_BITS and (self.keep_first_fp or self.keep_last_fp):
+            p = self.first_last_precision()
+            for m, b, role in ((p.w_method, p.w_bits, "weight"), (p.a_method, p.a_bits, "activation")):
+                if _is_binary_method(m) and b != FLOAT_BITS:
+                    raise ConfigError(
+                        f"MODEL.QUANT.FIRST_LAST_BITS = {b} with binary method {m!r}: set "
+                        "MODEL.QUANT.FIRST_LAST_METHOD to a multi-bit method (e.g. 'dorefa')"
+                    )
+                self._check_side(k, m, b, role, ("FIRST_LAST_METHOD", "FIRST_LAST_BITS"))
+        for i, o in enumerate(self.overrides):
+            p, where = o.precision, f"MODEL.QUANT.OVERRIDES[{i}] ({o.text!r}): "
+            self._check_side(where, p.w_method, p.w_bits, "weight", ("w_method", "w_bits"))
+            self._check_side(where, p.a_method, p.a_bits, "activation", ("a_method", "a_bits"))
+        components = {c for c, _ in self.component_prefixes}
+        bad = [s for s in self.scope if s not in components]
+        if bad:
+            raise ConfigError(
+                f"MODEL.QUANT.SCOPE = {list(self.scope)}: {bad} not defined by "
+                f"MODEL.QUANT.COMPONENT_PREFIXES (components: {sorted(components)})"
+            )
+        for key, pats in (("LAST_LAYERS", self.last_layers), ("FIRST_LAYER", [self.first_layer])):
+            for pat in pats:
+                try:
+                    re.compile(pat)
+                except re.error as e:
+                    raise ConfigError(f"MODEL.QUANT.{key} pattern {pat!r}: {e}") from None
+        if self.check_methods:
+            for role, kw in (("weight", self.w_kwargs), ("activation", self.a_kwargs)):
+                methods = {self.w_method if role == "weight" else self.a_method}
+                methods |= {o.precision.w_method if role == "weight" else o.precision.a_method
+                            for o in self.overrides}
+                for name in kw:
+                    if not any(m in available_quantizers() and _accepts(m, name) for m in methods):
+                        raise ConfigError(
+                            f"MODEL.QUANT.{'W' if role == 'weight' else 'A'}_KWARGS: option "
+                            f"{name!r} is accepted by none of the methods in use {sorted(methods)}"
+                        )
+
+
+# ==== report ==================================================================================
+@dataclass(frozen=True)
+class LayerDecision:
+    """The pass's decision for one layer: ``precision`` None means it stays float;
+    ``component`` is "other" when no COMPONENT_PREFIXES entry matched; ``reason`` names the
+    rule that decided (or why the layer type is not converted)."""
+
+    name: str
+    layer_type: str
+    component: str
+    precision: Optional[LayerPrecision]
+    reason: str
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision is not None
+
+
+@dataclass
+class ConversionReport:
+    """Per-layer outcome of :func:`quantize_model`, in module registration order."""
+
+    layers: List[LayerDecision] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> LayerDecision:
+        for d in self.layers:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def quantized_names(self) -> List[str]:
+        return [d.name for d in self.layers if d.quantized]
+
+    def counts(self) -> Dict[str, Dict[str, int]]:
+        """``{component: {"quantized": n, "float": m}}`` over all reported layers."""
+        out: Dict[str, Dict[str, int]] = {}
+        for d in self.layers:
+            c = out.setdefault(d.component, {"quantized": 0, "float": 0})
+            c["quantized" if d.quantized else "float"] += 1
+        return out
+
+    def table(self) -> str:
+        """Text table (module | type | component | weight | input | reason) + a count line."""
+        rows = [
+            (d.name, d.layer_type, d.component,
+             d.precision.describe("weight") if d.quantized else "float",
+             d.precision.describe("activation") if d.quantized else "float", d.reason)
+            for d in self.layers
+        ]
+        body = tabulate(rows, headers=["module", "type", "component", "weight", "input", "reason"])
+        counts = "; ".join(f"{c}: {v['quantized']} quantized, {v['float']} float"
+                           for c, v in self.counts().items())
+        return f"{body}\n{counts}"
+
+    __str__ = table
+
+
+# ==== the pass ================================================================================
+def _component(name: str, policy: QuantPolicy) -> str:
+    """The component whose prefix is the longest prefix of ``name`` ("other" if none)."""
+    best, best_len = "other", -1
+    for component, prefix in policy.component_prefixes:
+        if name.startswith(prefix) and len(prefix) > best_len:
+            best, best_len = component, len(prefix)
+    return best
+
+
+def _candidates(model: nn.Module) -> Iterator[Tuple[str, nn.Module, Optional[str]]]:
+    """``(name, module, why_not)`` for each conv/linear-like layer; why_not None = convertible."""
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLayerMixin):
+            yield name, m, "already quantized"
+        elif type(m) in _SWAPS:
+            yield name, m, None
+        elif isinstance(m, (_ConvNd, nn.Linear)):
+            yield name, m, f"type {type(m).__name__} is not converted"
+
+
+def _first_layers(entries, policy: QuantPolicy) -> List[str]:
+    """Names of "the first layer": FIRST_LAYER's matches, or else the first Conv2d (in
+    registration order) of the "backbone" component, or else of the whole model. (Order over
+    the whole model is not enough: detectron2's FPN registers its lateral/output convs
+    before ``bottom_up``.)"""
+    convs = [(n, c) for n, m, why, c in entries if why is None and isinstance(m, nn.Conv2d)]
+    if policy.first_layer:
+        names = [n for n, _ in convs if re.fullmatch(policy.first_layer, n)]
+        if not names:
+            raise ConfigError(f"MODEL.QUANT.FIRST_LAYER = {policy.first_layer!r} matches no conv")
+        return names
+    backbone = [n for n, c in convs if c == "backbone"]
+    return backbone[:1] or [n for n, _ in convs[:1]]
+
+
+def _decide(model: nn.Module, policy: QuantPolicy) -> List[Tuple[LayerDecision, nn.Module]]:
+    entries = [(n, m, why, _component(n, policy)) for n, m, why in _candidates(model)]
+    first = set(_first_layers(entries, policy)) if policy.keep_first_fp else set()
+    last = [re.compile(p) for p in policy.last_layers] if policy.keep_last_fp else []
+    override_hits = [0] * len(policy.overrides)
+    out = []
+    for name, m, why, comp in entries:
+        if why is not None:
+            out.append((LayerDecision(name, type(m).__name__, comp, None, why), m))
+            continue
+        matched = [i for i, o in enumerate(policy.overrides) if re.fullmatch(o.pattern, name)]
+        for i in matched:
+            override_hits[i] += 1
+        if matched:
+            o = policy.overrides[matched[-1]]
+            precision, reason = o.precision, f"override {o.pattern!r}"
+        elif comp not in policy.scope:
+            precision, reason = None, f"component {comp!r} not in SCOPE"
+        elif name in first:
+            precision, reason = policy.first_last_precision(), "first layer (KEEP_FIRST_FP)"
+        elif any(r.fullmatch(name) for r in last):
+            precision, reason = policy.first_last_precision(), "last layer (KEEP_LAST_FP)"
+        else:
+            precision, reason = policy.default_precision(), "policy"
+        if precision is not None and precision.is_float:
+            precision = None
+        out.append((LayerDecision(name, type(m).__name__, comp, precision, reason), m))
+    present = {d.component for d, _ in out}
+    for c in policy.scope:
+        if c not in present:
+            raise ConfigError(
+                f"MODEL.QUANT.SCOPE contains {c!r} but no conv/linear layer of this "
+                f"{type(model).__name__} belongs to it (MODEL.QUANT.COMPONENT_PREFIXES: "
+                f"{[f'{a}:{b}' for a, b in policy.component_prefixes]})"
+            )
+    for o, n in zip(policy.overrides, override_hits):
+        if n == 0:
+            raise ConfigError(f"MODEL.QUANT.OVERRIDES entry {o.text!r} matches no conv/linear layer")
+    return out
+
+
+def _swap_refs(v: Any, mapping: Dict[int, nn.Module]) -> Tuple[Any, bool]:
+    """``(v with swapped modules replaced, changed?)`` for plain (nested) lists / tuples /
+    dicts; other containers are left alone."""
+    if isinstance(v, nn.Module):
+        new = mapping.get(id(v), v)
+        return new, new is not v
+    if type(v) in (list, tuple):
+        items = [_swap_refs(x, mapping) for x in v]
+        if any(c for _, c in items):
+            return type(v)(x for x, _ in items), True
+    elif type(v) is dict:
+        items = {k: _swap_refs(x, mapping) for k, x in v.items()}
+        if any(c for _, c in items.values()):
+            return {k: x for k, (x, _) in items.items()}, True
+    return v, False
+
+
+def _replace_references(model: nn.Module, mapping: Dict[int, nn.Module]) -> None:
+    """Point every reference to a swapped module at its replacement: the child slot under
+    every parent (a shared module is replaced everywhere) and plain python containers stored
+    as module attributes (detectron2's FPN keeps its convs in lists ``lateral_convs`` /
+    ``output_convs`` besides registering them; missing those would leave float convs in use)."""
+    for mod in list(model.modules()):
+        for key, child in list(mod._modules.items()):
+            if child is not None and id(child) in mapping:
+                mod._modules[key] = mapping[id(child)]
+        for key, v in list(vars(mod).items()):
+            if key in ("_modules", "_parameters", "_buffers") or type(v) not in (list, tuple, dict):
+                continue
+            new, changed = _swap_refs(v, mapping)
+            if changed:
+                object.__setattr__(mod, key, new)
+
+
+def quantize_model(model: nn.Module, policy: QuantPolicy) -> ConversionReport:
+    """Swap ``model``'s conv/linear layers for quantized ones as ``policy`` says (in place).
+
+    Every decision, and the model-dependent validation (each SCOPE component, FIRST_LAYER
+    and each override must match a layer), is made before anything is swapped, so on error
+    the model is unchanged. Forward hooks of a swapped layer move to its replacement.
+
+    Args:
+        model: any ``nn.Module``, normally a detectron2 meta-architecture.
+        policy: e.g. ``QuantPolicy.from_config(cfg)``.
+    Returns:
+        a :class:`ConversionReport` with one line per conv/linear-like layer.
+    Raises:
+        ConfigError: naming the MODEL.QUANT key that matches nothing.
+    """
+    decisions = _decide(model, policy)
+    mapping: Dict[int, nn.Module] = {}
+    for d, m in decisions:
+        if d.quantized and id(m) not in mapping:
+            wq, aq = policy.build_quantizers(d.precision)
+            new = _SWAPS[type(m)].from_float(m, wq, aq)
+            new._forward_pre_hooks.update(m._forward_pre_hooks)
+            new._forward_hooks.update(m._forward_hooks)
+            mapping[id(m)] = new
+    _replace_references(model, mapping)
+    report = ConversionReport([d for d, _ in decisions])
+    if policy.keep_last_fp and "head" in policy.scope and not any(
+        d.reason.startswith("last layer") for d in report.layers
+    ):
+        logger.warning("MODEL.QUANT.KEEP_LAST_FP is set but no layer matched LAST_LAYERS")
+    return report
+
+
+def quantized_layers(model: nn.Module) -> Iterator[Tuple[str, QuantLayerMixin]]:
+    """Yield ``(name, layer)`` for every quantized layer of ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLayerMixin):
+            yield name, m
+
+
+def set_quantization_enabled(
+    model: nn.Module, enabled: bool, name_regex: Optional[str] = None, role: Optional[str] = None
+) -> List[str]:
+    """Set the ``enabled`` buffer of the quantizers of matching quantized layers.
+
+    A disabled quantizer is the identity (and a conv then pads with 0 again), so e.g.
+    stage-wise binarization (paper 004) can switch stages on one by one. The flags are
+    buffers, so checkpoints keep them.
+
+    Args:
+        model: a converted model.
+        enabled: the new state.
+        name_regex: only layers whose name fully matches (``re.fullmatch``); None = all.
+        role: "weight" or "activation" to set only that quantizer; None = both.
+    Returns:
+        names of the layers that were set.
+    Raises:
+        ValueError: bad role, or ``name_regex`` matches no quantized layer.
+    """
+    if role not in (None, "weight", "activation"):
+        raise ValueError(f"role must be None, 'weight' or 'activation', got {role!r}")
+    names = []
+    for name, layer in quantized_layers(model):
+        if name_regex is not None and not re.fullmatch(name_regex, name):
+            continue
+        for r, q in layer.quantizers():
+            if role is None or r == role:
+                q.set_enabled(enabled)
+        names.append(name)
+    if name_regex is not None and not names:
+        raise ValueError(f"name_regex {name_regex!r} matches no quantized layer")
+    return names
