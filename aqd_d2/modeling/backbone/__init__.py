@@ -1,1 +1,2 @@
-"""(registrations are imported here)"""
+"""Backbone builders registered in detectron2's BACKBONE_REGISTRY (imported for that)."""
+from .aqd_fpn import build_aqd_resnet_fpn_backbone  # noqa: F401

@@ -1,2 +1,4 @@
 """Meta-architectures registered in detectron2's META_ARCH_REGISTRY (imported for that)."""
 from .quantized import QuantizedDetector  # noqa: F401
+from .retinanet import AQDRetinaNet  # noqa: F401,E402  ("AQDRetinaNet")
+from .fcos import FCOS  # noqa: F401,E402  ("FCOS")
