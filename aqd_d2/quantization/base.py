@@ -19,31 +19,71 @@ Contract for subclasses:
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Quantizer"]
+from .functional import QuantKernel, fake_quantize
+
+__all__ = ["Quantizer", "validate_bits"]
+
+
+def validate_bits(method: str, bits: int, allowed: Tuple[int, ...]) -> int:
+    """``bits`` as int if it is in ``allowed``, else ValueError naming method and choices."""
+    try:
+        ok = not isinstance(bits, bool) and int(bits) == bits and int(bits) in allowed
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"quantizer {method!r} supports bits in {list(allowed)}, got {bits!r}"
+        )
+    return int(bits)
+
+
+def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
+    """In-place mean of ``t`` over the default process group (no-op when not distributed).
+
+    Used for statistics computed from data at initialisation: every rank sees a different
+    batch, and the learned parameters must start identical on all ranks.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t.div_(dist.get_world_size())
+    return t
 
 
 class Quantizer(nn.Module):
     """Base class of all quantizers.
 
     Args:
-        bits: bit width k (1 for binary methods, 32 for full precision).
+        bits: bit width k (1 for binary methods, 32 for full precision); validated against
+            the class attribute ``allowed_bits``.
         role: ``"weight"`` or ``"activation"``; methods may differ per role.
 
     Buffers:
         enabled (bool scalar): when False, ``forward`` is the identity. Flipped by
             :meth:`set_enabled` (stage-wise binarization and teacher warm-up use it) and
             saved in checkpoints.
+        initialized (bool scalar, only for ``needs_init`` methods): False until the first
+            forward in training mode has set the learned range from data; saved in
+            checkpoints, so a trained model never re-initialises and a float checkpoint
+            (which lacks the key) triggers initialisation.
+
+    Subclasses set ``kernel`` (a :class:`QuantKernel`) in ``__init__`` and return its
+    parameters from :meth:`quant_params`; ``quantize``/``encode`` are then generic.
     """
 
     #: registry name of the method, set by the registry decorator
     method: str = "base"
     #: roles this method supports
     roles: Tuple[str, ...] = ("weight", "activation")
+    #: bit widths this method supports (checked in __init__)
+    allowed_bits: Tuple[int, ...] = tuple(range(1, 33))
+    #: True for methods whose range is initialised from the first training batch
+    needs_init: bool = False
 
     def __init__(self, bits: int, role: str = "weight"):
         super().__init__()
@@ -53,9 +93,12 @@ class Quantizer(nn.Module):
             raise ValueError(
                 f"quantizer {self.method!r} cannot quantize {role}s (supports {self.roles})"
             )
-        self.bits = int(bits)
+        self.bits = validate_bits(self.method, bits, self.allowed_bits)
         self.role = role
+        self.kernel: Optional[QuantKernel] = None
         self.register_buffer("enabled", torch.tensor(True))
+        if self.needs_init:
+            self.register_buffer("initialized", torch.tensor(False))
 
     # ---- state -------------------------------------------------------------------------
     def set_enabled(self, flag: bool) -> None:
@@ -77,7 +120,33 @@ class Quantizer(nn.Module):
 
     @property
     def padding_value(self) -> float:
+        """Value to pad the *quantized* input of a conv with: 0 for grids containing 0;
+        binary activation methods return -1 (see module docstring). Independent of
+        ``enabled``: a layer with a disabled input quantizer pads with 0 itself."""
         return 0.0
+
+    def quant_params(self) -> Tuple[torch.Tensor, ...]:
+        """The tensors passed to ``self.kernel`` (e.g. ``(alpha,)``); empty by default."""
+        return ()
+
+    # ---- data-driven initialisation ----------------------------------------------------
+    def initialize(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
+        """Set the learned range from ``x`` (called under no_grad, once)."""
+        raise NotImplementedError
+
+    def maybe_initialize(self, x: torch.Tensor) -> None:
+        """Run :meth:`initialize` on the first training-mode call (then mark initialised).
+
+        In eval mode an uninitialised quantizer keeps its constructor defaults.
+        Initialised values are averaged across DDP ranks.
+        """
+        if not (self.needs_init and self.training) or x.numel() == 0 or bool(self.initialized):
+            return
+        with torch.no_grad():
+            self.initialize(x.detach())
+            for p in self.quant_params():
+                all_reduce_mean_(p.data)
+            self.initialized.fill_(True)
 
     # ---- computation -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,15 +154,41 @@ class Quantizer(nn.Module):
             return x
         return self.quantize(x)
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def prepare(self, x: torch.Tensor) -> Optional[Tuple[QuantKernel, Tuple[torch.Tensor, ...]]]:
+        """For fused ops: ``None`` when disabled, else run due initialisation on ``x`` and
+        return ``(kernel, params)`` so that ``kernel.forward(x, *params) == self(x)``."""
+        if not self.is_enabled:
+            return None
+        self.maybe_initialize(x)
+        return self.kernel, self.quant_params()
 
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` (any shape) as one autograd node; same shape and dtype."""
+        self.maybe_initialize(x)
+        return fake_quantize(self.kernel, x, *self.quant_params())
+
+    @torch.no_grad()
     def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raise NotImplementedError(f"quantizer {self.method!r} has no integer encoding")
+        """Integer form of ``quantize(x)``.
+
+        Returns:
+            codes: ``uint8`` tensor shaped like ``x``, values in ``[0, 2**bits - 1]``.
+            step, offset: float tensors broadcastable to ``x`` (per-channel methods: shape
+                ``(C_out, 1, ..., 1)``; per-tensor: shape ``()``), such that
+                ``decode(codes, step, offset)`` equals ``quantize(x)`` exactly.
+        """
+        if self.kernel is None:
+            raise NotImplementedError(f"quantizer {self.method!r} has no integer encoding")
+        params = tuple(p.detach() for p in self.quant_params())
+        codes, step, offset = self.kernel.grid(x.detach(), *params)
+        if offset is None:
+            offset = torch.zeros_like(step)
+        return codes.to(torch.uint8), step, offset
 
     @staticmethod
     def decode(codes: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`encode`: ``codes * step + offset`` as float32."""
+        """Inverse of :meth:`encode`: ``codes * step + offset`` in ``step``'s dtype (the same
+        two operations the forward performs, hence bit-exact)."""
         return codes.to(step.dtype) * step + offset
 
     def extra_repr(self) -> str:

@@ -1,0 +1,259 @@
+"""Quantized conv / linear as single autograd nodes that recompute the quantized operands.
+
+``F.conv2d(Q_x(x), Q_w(W))`` written with separate ops keeps *two* activation-sized tensors
+alive for backward: the quantizer's input ``x`` (needed for its gradient) and the conv's
+input ``Q_x(x)`` (needed for the weight gradient). :func:`quant_conv2d` saves only ``x``,
+``W`` and the quantizer parameters, and recomputes ``Q_x(x)`` / ``Q_w(W)`` (elementwise,
+cheap next to the conv) in backward, sharing that work with the quantizers' backward
+(:meth:`QuantKernel.forward_with_state`). Its saved memory therefore equals the float
+conv's, and when ``x`` is a ReLU output (saved by the ReLU anyway) it costs nothing extra.
+
+The results (outputs and gradients) equal the unfused composition: same kernels, same
+padding (the input quantizer's ``padding_value``, -1 for binary activations, written around
+the quantized input), same STE backward. Under autocast the conv runs in the autocast dtype
+exactly as ``F.conv2d`` would, the quantizers in the input's dtype. XNOR's activation scale
+``K`` is not part of this op: multiply the output by it afterwards.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .base import Quantizer
+from .functional import QuantKernel
+
+__all__ = ["quant_conv2d", "quant_linear"]
+
+_Spec = Optional[Tuple[QuantKernel, Tuple[torch.Tensor, ...]]]
+_Pad4 = Optional[Tuple[int, int, int, int]]
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _prepare(q: Optional[Quantizer], t: torch.Tensor) -> _Spec:
+    """``(kernel, params)`` of an enabled quantizer (running its data init), else None."""
+    if q is None or t.numel() == 0:
+        return None
+    return q.prepare(t)
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4: only the CUDA query exists
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+    return None
+
+
+def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]):
+    return t if (t is None or dtype is None) else t.to(dtype)
+
+
+def _quantize(spec: _Spec, t: torch.Tensor, want_state: bool, pad4: _Pad4 = None,
+              value: float = 0.0):
+    """``(pad(Q(t)), state)``. Padding is written around the quantized values in one buffer
+    (border filled, interior written by the kernel) instead of ``F.pad``'s fill-then-copy."""
+    if pad4 is None:
+        if spec is None:
+            return t, None
+        if not want_state:
+            return spec[0].forward(t, *spec[1]), None
+        return spec[0].forward_with_state(t, spec[1])
+    left, right, top, bottom = pad4
+    n, c, h, w = t.shape
+    buf = t.new_empty((n, c, h + top + bottom, w + left + right))
+    for region in (buf[..., :top, :], buf[..., top + h:, :], buf[..., top:top + h, :left],
+                   buf[..., top:top + h, left + w:]):
+        if region.numel():
+            region.fill_(value)
+    inner = buf[..., top:top + h, left:left + w]
+    if spec is None:
+        inner.copy_(t)
+        return buf, None
+    _, state = spec[0].forward_with_state(t, spec[1], out=inner)
+    return buf, state
+
+
+def _chain(spec: _Spec, t: torch.Tensor, grad, needs: Sequence[bool], state=None):
+    """Back through a quantizer: ``(grad_t, grads of params...)``. ``grad`` is ours (fresh
+    from the conv backward), so the kernel may overwrite it."""
+    if spec is None:
+        return (grad,)
+    grad = grad.to(t.dtype)
+    return spec[0].backward(t, spec[1], grad, needs, state, overwrite_grad=True)
+
+
+def _specs(ctx, params):
+    """Rebuild ``(kernel, params)`` pairs saved by a forward."""
+    xk, wk = ctx.kernels
+    xp, wp = tuple(params[: ctx.nx]), tuple(params[ctx.nx:])
+    return (None if xk is None else (xk, xp)), (None if wk is None else (wk, wp))
+
+
+class _QuantConv2d(torch.autograd.Function):
+    """Inputs ``(x, w, bias, xspec, wspec, geom, *params)``; saves ``x, w, *params``."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, xspec, wspec, geom, *params):
+        stride, pad4, conv_pad, dilation, groups, pad_value = geom
+        cdtype = _autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            xq, _ = _quantize(xspec, x, False, pad4, pad_value)
+            wq, _ = _quantize(wspec, w, False)
+            y = F.conv2d(_cast(xq, cdtype), _cast(wq, cdtype), _cast(bias, cdtype), stride,
+                         conv_pad, dilation, groups)
+        ctx.kernels = (None if xspec is None else xspec[0], None if wspec is None else wspec[0])
+        ctx.geom, ctx.cdtype, ctx.has_bias = geom, cdtype, bias is not None
+        ctx.nx = 0 if xspec is None else len(xspec[1])
+        ctx.save_for_backward(x, w, *params)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w, *params = ctx.saved_tensors
+        xspec, wspec = _specs(ctx, params)
+        stride, pad4, conv_pad, dilation, groups, pad_value = ctx.geom
+        need = ctx.needs_input_grad
+        need_x, need_w = (need[0], *need[6:6 + ctx.nx]), (need[1], *need[6 + ctx.nx:])
+        # recompute the quantized operands, keeping what the quantizers' backward needs
+        xq, xstate = _quantize(xspec, x, any(need_x), pad4, pad_value)
+        wq, wstate = _quantize(wspec, w, any(need_w))
+        cd = ctx.cdtype
+        gxq, gwq, gb = torch.ops.aten.convolution_backward(
+            _cast(gy, cd), _cast(xq, cd), _cast(wq, cd), [w.shape[0]] if ctx.has_bias else None,
+            list(stride), list(conv_pad), list(dilation), False, [0, 0], groups,
+            [any(need_x), any(need_w), ctx.has_bias and need[2]],
+        )
+        del xq, wq
+        gx_all: Tuple = (None,) * len(need_x)
+        if gxq is not None:
+            if pad4 is not None:
+                left, right, top, bottom = pad4
+                gxq = gxq[..., top: gxq.shape[-2] - bottom, left: gxq.shape[-1] - right]
+            gx_all = _chain(xspec, x, gxq, need_x, xstate)
+        gw_all: Tuple = (None,) * len(need_w)
+        if gwq is not None:
+            gw_all = _chain(wspec, w, gwq, need_w, wstate)
+        return (gx_all[0], gw_all[0], gb, None, None, None, *gx_all[1:], *gw_all[1:])
+
+
+def _pad4(padding: Union[int, Sequence[int]]) -> Tuple[int, int, int, int]:
+    if isinstance(padding, int):
+        return (padding,) * 4
+    if len(padding) == 2:
+        ph, pw = int(padding[0]), int(padding[1])
+        return (pw, pw, ph, ph)
+    left, right, top, bottom = (int(p) for p in padding)
+    return (left, right, top, bottom)
+
+
+def quant_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: Union[int, Tuple[int, int]] = 1,
+    padding: Union[int, Sequence[int]] = 0,
+    dilation: Union[int, Tuple[int, int]] = 1,
+    groups: int = 1,
+    input_quantizer: Optional[Quantizer] = None,
+    weight_quantizer: Optional[Quantizer] = None,
+) -> torch.Tensor:
+    """``conv2d(pad(Q_x(x), padding_value), Q_w(W)) + bias`` as one memory-lean autograd node.
+
+    Runs the quantizers' data initialisation when due and honours their ``enabled`` flags
+    (a disabled or absent quantizer is the identity; both absent is plain ``F.conv2d``).
+
+    Args:
+        x: input (N, C_in, H, W).
+        weight: (C_out, C_in / groups, kh, kw); bias: (C_out,) or None.
+        stride, dilation: int or pair. groups: int.
+        padding: int, ``(ph, pw)`` or ``(left, right, top, bottom)``; filled with the input
+            quantizer's ``padding_value`` (0 if there is no enabled input quantizer).
+        input_quantizer: role-activation quantizer or None.
+        weight_quantizer: role-weight quantizer or None.
+    Returns:
+        (N, C_out, H_out, W_out).
+    """
+    xspec = _prepare(input_quantizer, x)
+    wspec = _prepare(weight_quantizer, weight)
+    left, right, top, bottom = _pad4(padding)
+    pad_value = 0.0 if xspec is None else float(input_quantizer.padding_value)
+    symmetric = left == right and top == bottom
+    if symmetric and (pad_value == 0.0 or not (left or top)):
+        pad4, conv_pad = None, (top, left)  # the conv's own zero padding
+    else:
+        pad4, conv_pad = (left, right, top, bottom), (0, 0)
+    if xspec is None and wspec is None:
+        xp = x if pad4 is None else F.pad(x, pad4)
+        return F.conv2d(xp, weight, bias, stride, conv_pad, dilation, groups)
+    geom = (_pair(stride), pad4, conv_pad, _pair(dilation), int(groups), pad_value)
+    params = (xspec[1] if xspec else ()) + (wspec[1] if wspec else ())
+    return _QuantConv2d.apply(x, weight, bias, xspec, wspec, geom, *params)
+
+
+class _QuantLinear(torch.autograd.Function):
+    """Inputs ``(x, w, bias, xspec, wspec, *params)``; saves ``x, w, *params``."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, xspec, wspec, *params):
+        cdtype = _autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            xq, _ = _quantize(xspec, x, False)
+            wq, _ = _quantize(wspec, w, False)
+            y = F.linear(_cast(xq, cdtype), _cast(wq, cdtype), _cast(bias, cdtype))
+        ctx.kernels = (None if xspec is None else xspec[0], None if wspec is None else wspec[0])
+        ctx.nx, ctx.cdtype, ctx.has_bias = (0 if xspec is None else len(xspec[1])), cdtype, bias is not None
+        ctx.save_for_backward(x, w, *params)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w, *params = ctx.saved_tensors
+        xspec, wspec = _specs(ctx, params)
+        need = ctx.needs_input_grad
+        need_x, need_w = (need[0], *need[5:5 + ctx.nx]), (need[1], *need[5 + ctx.nx:])
+        cd = ctx.cdtype
+        g2 = _cast(gy, cd).reshape(-1, gy.shape[-1])
+        gx_all: Tuple = (None,) * len(need_x)
+        gw_all: Tuple = (None,) * len(need_w)
+        xq, xstate = _quantize(xspec, x, any(need_x))
+        if any(need_x):
+            wq, _ = _quantize(wspec, w, False)
+            gxq = (g2 @ _cast(wq, cd)).reshape(x.shape)
+            del wq
+            gx_all = _chain(xspec, x, gxq, need_x, xstate)
+        if any(need_w):
+            wq, wstate = _quantize(wspec, w, True)
+            gwq = g2.t() @ _cast(xq, cd).reshape(-1, xq.shape[-1])
+            gw_all = _chain(wspec, w, gwq, need_w, wstate)
+        gb = g2.sum(0) if (ctx.has_bias and need[2]) else None
+        return (gx_all[0], gw_all[0], gb, None, None, *gx_all[1:], *gw_all[1:])
+
+
+def quant_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    input_quantizer: Optional[Quantizer] = None,
+    weight_quantizer: Optional[Quantizer] = None,
+) -> torch.Tensor:
+    """``linear(Q_x(x), Q_w(W), bias)`` as one memory-lean autograd node (see module doc).
+
+    Args:
+        x: (..., in_features); weight: (out_features, in_features); bias: (out,) or None.
+        input_quantizer, weight_quantizer: as for :func:`quant_conv2d`.
+    Returns:
+        (..., out_features).
+    """
+    xspec = _prepare(input_quantizer, x)
+    wspec = _prepare(weight_quantizer, weight)
+    if xspec is None and wspec is None:
+        return F.linear(x, weight, bias)
+    params = (xspec[1] if xspec else ()) + (wspec[1] if wspec else ())
+    return _QuantLinear.apply(x, weight, bias, xspec, wspec, *params)
