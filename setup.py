@@ -8,6 +8,7 @@ setup(
     version="0.1.0",
     description="Quantized and binary object detectors as a detectron2 plugin",
     packages=find_packages(include=("aqd_d2", "aqd_d2.*")),
+    package_data={"aqd_d2.export": ["csrc/*.cpp", "csrc/*.h", "csrc/*.inc"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.0",

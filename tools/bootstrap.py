@@ -9,7 +9,9 @@ Needs only Python >= 3.9 and access to PyPI. Steps (each skipped when already do
    it, build a wheel with an empty extension list (``aqd_d2.compat`` stands in for the
    missing ``detectron2._C``), and install it without its dependency pins (step 2 installed
    them, except ``black``/``future``/``pydot``, which only LazyConfig saving and caffe2 need);
-4. ``pip install -e .`` (aqd_d2 itself).
+4. ``pip install -e .`` (aqd_d2 itself);
+5. the bit-packed binary convolution extension (C++ / OpenMP, aqd_d2/export/csrc), compiled
+   once into ``build/`` (a pure-PyTorch fallback is used where no compiler exists).
 A stamp file in the venv records a hash of the inputs; when it matches and the imports work,
 nothing is run again. Stdlib only: this script runs before anything is installed.
 """
@@ -59,7 +61,8 @@ def _run(cmd, **kw) -> None:
 
 def _fingerprint() -> str:
     h = hashlib.sha256()
-    for path in (REQUIREMENTS, REPO / "setup.py", Path(__file__)):
+    sources = sorted((REPO / "aqd_d2" / "export" / "csrc").glob("*"))
+    for path in (REQUIREMENTS, REPO / "setup.py", Path(__file__), *sources):
         h.update(path.read_bytes())
     h.update(sys.version.encode())
     return h.hexdigest()
@@ -106,6 +109,10 @@ def ensure_environment(force: bool = False) -> Path:
     if not _imports_ok():
         raise SystemExit("[bootstrap] the environment was built but aqd_d2 does not import; "
                          f"run {venv_python()} -c 'import aqd_d2' to see why")
+    # The bit-packed binary convolution (C++/OpenMP). Never fails the setup: without a
+    # compiler the exported models use the exact pure-PyTorch fallback (it prints why).
+    _run([venv_python(), "-c",
+          "from aqd_d2.export._ext_build import build_extension; build_extension(verbose=True)"])
     STAMP.write_text(fingerprint + "\n")
     _log(f"environment ready: {VENV}")
     return venv_python()

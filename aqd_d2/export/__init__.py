@@ -1,4 +1,6 @@
-"""Deployment formats: bit-packed checkpoints of quantized models (:mod:`.packing`)."""
+"""Deployment: bit-packed checkpoints (:mod:`.packing`) and the real binary convolution
+(:mod:`.binary_conv`, XNOR-popcount C++ kernel with an exact PyTorch fallback)."""
+from .binary_conv import BinaryConv2dInference, binary_conv2d, kernel_available, pack_weights
 from .packing import (
     FORMAT,
     VERSION,
@@ -12,6 +14,10 @@ from .packing import (
 )
 
 __all__ = [
+    "BinaryConv2dInference",
+    "binary_conv2d",
+    "kernel_available",
+    "pack_weights",
     "FORMAT",
     "VERSION",
     "PackedCheckpointError",

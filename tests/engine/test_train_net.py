@@ -93,14 +93,23 @@ def test_cuda_device_without_cuda_is_named(tmp_path):
         _setup(["MODEL.DEVICE", "cuda", "OUTPUT_DIR", str(tmp_path)])
 
 
-def test_missing_dataset_files_are_named(tmp_path, monkeypatch):
-    """A builtin COCO name whose files are absent under DETECTRON2_DATASETS names the path."""
-    from detectron2.data import DatasetCatalog
+def test_missing_dataset_files_are_named(tmp_path):
+    """A builtin COCO name whose files are absent under DETECTRON2_DATASETS names the path.
 
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
-    with pytest.raises(Exception) as e:
-        DatasetCatalog.get("coco_2017_val")
-    assert "instances_val2017.json" in str(e.value)
+    detectron2 binds the builtin datasets' root when it is first imported, so this runs in a
+    fresh process with DETECTRON2_DATASETS pointing at an empty folder.
+    """
+    code = (
+        "import aqd_d2\n"
+        "from detectron2.data import DatasetCatalog\n"
+        "DatasetCatalog.get('coco_2017_val')\n"
+    )
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert str(tmp_path / "coco" / "annotations" / "instances_val2017.json") in r.stderr
+
+    from detectron2.data import DatasetCatalog
 
     with pytest.raises(KeyError, match="not_registered_dataset"):
         DatasetCatalog.get("not_registered_dataset")
