@@ -1,2 +1,3 @@
 """Backbone builders registered in detectron2's BACKBONE_REGISTRY (imported for that)."""
 from .aqd_fpn import build_aqd_resnet_fpn_backbone  # noqa: F401
+from .quicknet import build_quicknet_backbone  # noqa: F401,E402  ("build_quicknet_backbone")

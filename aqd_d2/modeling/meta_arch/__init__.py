@@ -2,3 +2,4 @@
 from .quantized import QuantizedDetector  # noqa: F401
 from .retinanet import AQDRetinaNet  # noqa: F401,E402  ("AQDRetinaNet")
 from .fcos import FCOS  # noqa: F401,E402  ("FCOS")
+from .centernet import CenterNet  # noqa: F401,E402  ("CenterNet")
