@@ -71,9 +71,8 @@ class SignKernel(QuantKernel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return binary_sign(x)  # == codes * 2 - 1 exactly
 
-    def forward_with_state(self, x, params, want_output=True, out=None):
-        y = binary_sign(x, out=out) if (want_output or out is not None) else None
-        return y, None
+    def forward_with_state(self, x, params, want_output=True):
+        return (binary_sign(x) if want_output else None), None
 
     def backward(self, x, params, grad_y, needs_grad, state=None, overwrite_grad=False) -> Grads:
         if not needs_grad[0]:
@@ -104,21 +103,27 @@ class ScaledSignKernel(QuantKernel):
         return (w >= 0).to(w.dtype), 2.0 * alpha, -alpha
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_state(w, ())[0]
+
+    def forward_with_state(self, w, params, want_output=True):
         # copysign(alpha, w + 0) = +-alpha with sign(0) = +1; == codes * 2 alpha - alpha
-        # exactly. One weight-sized allocation: |W| is reused for the output.
+        # exactly. One weight-sized allocation: |W| is reused for the output. State: alpha.
         buf = w.abs()
         alpha = buf.mean(dim=tuple(range(1, w.dim())), keepdim=True) if w.dim() >= 2 else buf.mean()
-        torch.add(w, 0.0, out=buf)
-        return torch.copysign(alpha.expand_as(w), buf, out=buf)
+        y = torch.add(w, 0.0, out=buf)
+        return torch.copysign(alpha.expand_as(w), y, out=y), alpha
 
     def backward(self, w, params, grad_y, needs_grad, state=None, overwrite_grad=False) -> Grads:
         if not needs_grad[0]:
             return (None,)
-        alpha = channel_mean_abs(w)
-        if self.grad == "magnitude":
-            return (masked_grad(grad_y, w, -1.0, 1.0) * alpha,)
+        alpha = channel_mean_abs(w) if state is None else state
+        if self.grad == "magnitude":  # alpha * 1{|W| < 1}
+            gx = masked_grad(grad_y, w, -1.0, 1.0, out=grad_y if overwrite_grad else None)
+            return (gx.mul_(alpha),)
+        # 1/n + alpha * 1{|W| <= 1}, as one factor
         n = w[0].numel() if w.dim() >= 2 else w.numel()
-        return (clipped_ste_grad(grad_y, w).mul_(alpha).add_(grad_y, alpha=1.0 / n),)
+        factor = clipped_ste_grad(alpha.expand_as(w), w).add_(1.0 / n)
+        return (grad_y.mul_(factor) if overwrite_grad else grad_y * factor,)
 
 
 class _BinaryBase(Quantizer):

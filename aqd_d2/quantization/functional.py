@@ -68,7 +68,8 @@ def scalar_tensor(v: Scalar, like: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _next_float(v: float, dtype: torch.dtype, up: bool) -> float:
     t = torch.tensor(v, dtype=dtype)
-    return torch.nextafter(t, torch.tensor(float("inf") if up else float("-inf"), dtype=dtype)).item()
+    toward = torch.tensor(float("inf") if up else float("-inf"), dtype=dtype)
+    return torch.nextafter(t, toward).item()
 
 
 def masked_grad(
@@ -95,15 +96,13 @@ def masked_grad(
     return _aten.hardtanh_backward.grad_input(grad, x, lo, hi, grad_input=out)
 
 
-def binary_sign(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def binary_sign(x: torch.Tensor) -> torch.Tensor:
     """``+1`` where ``x >= 0`` else ``-1`` (sign(0) = +1, also for -0.0), dtype of ``x``.
 
-    Computed as ``copysign(1, x + 0)`` (``-0.0 + 0 = +0.0``), into ``out`` if given; no
-    gradient.
+    Computed as ``copysign(1, x + 0)`` (``-0.0 + 0 = +0.0``); no gradient.
     """
-    one = torch.ones((), dtype=x.dtype, device=x.device)
-    y = torch.add(x, 0.0, out=out)
-    return torch.copysign(one, y, out=y)
+    y = x + 0.0
+    return torch.copysign(torch.ones((), dtype=x.dtype, device=x.device), y, out=y)
 
 
 def clipped_ste_grad(
@@ -227,14 +226,10 @@ class QuantKernel:
         x: torch.Tensor,
         params: Sequence[torch.Tensor],
         want_output: bool = True,
-        out: Optional[torch.Tensor] = None,
     ) -> Tuple[Optional[torch.Tensor], object]:
-        """``(forward(x) or None, state for backward)``; with ``out`` (a view shaped like
-        ``x``, e.g. the interior of a padded buffer) the output is written there."""
-        y = self.forward(x, *params) if (want_output or out is not None) else None
-        if out is not None:
-            y = out.copy_(y)
-        return y, None
+        """``(forward(x) or None, state for backward)``; the output must equal
+        :meth:`forward` bit for bit."""
+        return (self.forward(x, *params) if want_output else None), None
 
     def backward(
         self,
@@ -282,6 +277,18 @@ def fake_quantize(kernel: QuantKernel, x: torch.Tensor, *params: torch.Tensor) -
     return _FakeQuantize.apply(kernel, x, *params)
 
 
-def flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``sum(a * b)`` as one BLAS dot product (no temporary), 0-d."""
-    return torch.dot(a.reshape(-1), b.reshape(-1))
+def flat_dot(a: torch.Tensor, b: torch.Tensor) -> Scalar:
+    """``sum(a * b)`` as one BLAS dot product (no temporary), through :func:`as_scalar`."""
+    return as_scalar(torch.dot(a.reshape(-1), b.reshape(-1)))
+
+
+def flat_sum(a: torch.Tensor) -> Scalar:
+    """``a.sum()`` through :func:`as_scalar`."""
+    return as_scalar(a.sum())
+
+
+def param_grad(value: Scalar, param: torch.Tensor) -> torch.Tensor:
+    """A scalar gradient as a tensor shaped and typed like ``param``."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(param.shape).to(param.dtype)
+    return param.new_full(param.shape, value)

@@ -57,36 +57,27 @@ def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]):
 
 def _quantize(spec: _Spec, t: torch.Tensor, want_state: bool, pad4: _Pad4 = None,
               value: float = 0.0):
-    """``(pad(Q(t)), state)``. Padding is written around the quantized values in one buffer
-    (border filled, interior written by the kernel) instead of ``F.pad``'s fill-then-copy."""
-    if pad4 is None:
-        if spec is None:
-            return t, None
-        if not want_state:
-            return spec[0].forward(t, *spec[1]), None
-        return spec[0].forward_with_state(t, spec[1])
-    left, right, top, bottom = pad4
-    n, c, h, w = t.shape
-    buf = t.new_empty((n, c, h + top + bottom, w + left + right))
-    for region in (buf[..., :top, :], buf[..., top + h:, :], buf[..., top:top + h, :left],
-                   buf[..., top:top + h, left + w:]):
-        if region.numel():
-            region.fill_(value)
-    inner = buf[..., top:top + h, left:left + w]
+    """``(pad(Q(t), value), state for the quantizer's backward)``. (Writing the quantized
+    values straight into the interior of a padded buffer measured slower than one
+    contiguous pass plus ``F.pad``: strided writes, and a strided gradient upstream.)"""
     if spec is None:
-        inner.copy_(t)
-        return buf, None
-    _, state = spec[0].forward_with_state(t, spec[1], out=inner)
-    return buf, state
+        y, state = t, None
+    elif want_state:
+        y, state = spec[0].forward_with_state(t, spec[1])
+    else:
+        y, state = spec[0].forward(t, *spec[1]), None
+    return (y if pad4 is None else F.pad(y, pad4, value=value)), state
 
 
 def _chain(spec: _Spec, t: torch.Tensor, grad, needs: Sequence[bool], state=None):
     """Back through a quantizer: ``(grad_t, grads of params...)``. ``grad`` is ours (fresh
-    from the conv backward), so the kernel may overwrite it."""
+    from the conv backward), so the kernel may overwrite it, unless it is a strided view
+    (the interior of a padded gradient): then a fresh contiguous result is better for the
+    ops upstream."""
     if spec is None:
         return (grad,)
     grad = grad.to(t.dtype)
-    return spec[0].backward(t, spec[1], grad, needs, state, overwrite_grad=True)
+    return spec[0].backward(t, spec[1], grad, needs, state, overwrite_grad=grad.is_contiguous())
 
 
 def _specs(ctx, params):
@@ -208,7 +199,8 @@ class _QuantLinear(torch.autograd.Function):
             wq, _ = _quantize(wspec, w, False)
             y = F.linear(_cast(xq, cdtype), _cast(wq, cdtype), _cast(bias, cdtype))
         ctx.kernels = (None if xspec is None else xspec[0], None if wspec is None else wspec[0])
-        ctx.nx, ctx.cdtype, ctx.has_bias = (0 if xspec is None else len(xspec[1])), cdtype, bias is not None
+        ctx.nx = 0 if xspec is None else len(xspec[1])
+        ctx.cdtype, ctx.has_bias = cdtype, bias is not None
         ctx.save_for_backward(x, w, *params)
         return y
 

@@ -60,7 +60,9 @@ from .functional import (
     Scalar,
     as_scalar,
     flat_dot,
+    flat_sum,
     masked_grad,
+    param_grad,
     scalar_tensor,
 )
 from .registry import register_quantizer
@@ -129,7 +131,7 @@ class LIQKernel(QuantKernel):
         # standardisation: two-pass mean / unbiased variance (centred dot product)
         mu = as_scalar(x.detach().mean())
         s = x - mu
-        var = as_scalar(flat_dot(s, s)) / (x.numel() - 1)
+        var = flat_dot(s, s) / (x.numel() - 1)
         sigma = (var + _VAR_EPS) ** 0.5
         s.mul_((q / 2.0) / (a * sigma)).add_(q / 2.0)
         if self.rescale:  # w_bar = std * alpha * (2R/q - 1) + mean
@@ -153,12 +155,12 @@ class LIQKernel(QuantKernel):
         k, s = self._affine(x, alpha)
         return self._dequantize_(s.clamp_(0.0, self.levels).round_(), k)
 
-    def forward_with_state(self, x, params, want_output=True, out=None):
+    def forward_with_state(self, x, params, want_output=True):
         k, s = self._affine(x, params[0])
         s.clamp_(0.0, self.levels)
-        if not (want_output or out is not None):
+        if not want_output:
             return None, (s, torch.round(s), 1.0, 0.0, k)
-        y = self._dequantize_(torch.round(s, out=out), k)
+        y = self._dequantize_(torch.round(s), k)
         # the codes are recovered in backward from y: <g, R> = (<g, y> - offset sum g) / step
         return y, (s, y, k.step, 0.0 if k.offset is None else k.offset, k)
 
@@ -168,7 +170,7 @@ class LIQKernel(QuantKernel):
         if state is None:
             _, state = self.forward_with_state(x, params, want_output=False)
         s, coded, scale, shift, k = state  # s = clip(s, 0, q); R = (coded - shift) / scale
-        sum_g = grad_y.sum() if self.signed else 0.0  # (activations: shift is 0)
+        sum_g = flat_sum(grad_y) if self.signed else 0.0  # (activations: shift is 0)
         dot_gR = None
         if needs_grad[1] or self.signed:
             dot_gR = (flat_dot(grad_y, coded) - shift * sum_g) / scale
@@ -179,12 +181,12 @@ class LIQKernel(QuantKernel):
             if needs_grad[1]:
                 # eq. 7 times q: R - s inside (0, q), q above, 0 below = R - s 1{0 < s < q}
                 # (R is 0 below and q above): sum(grad * .) = <grad, R> - <h, s>
-                ga = ((dot_gR - flat_dot(h, s)) / q).reshape(alpha.shape).to(alpha.dtype)
+                ga = param_grad((dot_gR - flat_dot(h, s)) / q, alpha)
             return (h if needs_grad[0] else None), ga
         a, mu, sigma = k.a, k.mu, k.sigma
         # G = 2R/q - 1 (output in interval units); t = u/alpha = (s - q/2) 2/q inside
         sum_gG = dot_gR * (2.0 / q) - sum_g
-        sum_h = h.sum()
+        sum_h = flat_sum(h)
         sum_ht = flat_dot(h, s) * (2.0 / q) - sum_h
         ga = None
         if needs_grad[1]:
@@ -192,7 +194,7 @@ class LIQKernel(QuantKernel):
             ga = sum_gG - sum_ht
             if sigma is not None and self.rescale:
                 ga = ga * sigma
-            ga = ga.reshape(alpha.shape).to(alpha.dtype)
+            ga = param_grad(ga, alpha)
         if not needs_grad[0] or sigma is None:
             return (h if needs_grad[0] else None), ga
         # Standardisation u = (w - mean)/std, y = std * g(u) + mean (rescale) or g(u):
@@ -207,7 +209,7 @@ class LIQKernel(QuantKernel):
             k0 = k0 + sum_g
         k1, k0 = k1 / ((n - 1) * sigma), k0 / n  # u k1 = x k1/std - mean k1/std
         gx = h if self.rescale else h.mul_(c_h)
-        k1, k0 = as_scalar(k1), as_scalar(k0 - mu * k1)
+        k0 = k0 - mu * k1
         gx = gx.add_(x, alpha=k1) if isinstance(k1, float) else gx.add_(x * k1)
         return gx.add_(k0), ga
 

@@ -20,6 +20,7 @@ from .functional import (
     as_scalar,
     flat_dot,
     masked_grad,
+    param_grad,
     scalar_tensor,
 )
 from .registry import register_quantizer
@@ -104,12 +105,12 @@ class LSQKernel(QuantKernel):
             n //= x.shape[0]
         return 1.0 / math.sqrt(max(n, 1) * self.qp)
 
-    def forward_with_state(self, x, params, want_output=True, out=None):
+    def forward_with_state(self, x, params, want_output=True):
         s, rs, offset = self._consts(x, params[0])
         v = (x * rs).clamp_(-self.qn, self.qp)  # clip(v); the masks below are exact on it
-        if not (want_output or out is not None):
+        if not want_output:
             return None, (v, torch.round(v), 1.0)
-        y = self._dequantize_(torch.round(v, out=out), s, offset)
+        y = self._dequantize_(torch.round(v), s, offset)
         return y, (v, y, s)  # round(clip(v)) = y / s (the Qn shift and offset cancel)
 
     def backward(self, x, params, grad_y, needs_grad, state=None, overwrite_grad=False) -> Grads:
@@ -123,8 +124,7 @@ class LSQKernel(QuantKernel):
         if needs_grad[1]:
             # LSQ eq. 3: round(v) - v inside, -Qn for v <= -Qn, Qp for v >= Qp, i.e.
             # round(clip(v)) - v 1{-Qn < v < Qp}: sum(grad * .) = <grad, r> - <gx, v>
-            gs = (dot_gr - flat_dot(gx, v)) * self.grad_scale(x)
-            gs = gs.reshape(s.shape).to(s.dtype)
+            gs = param_grad((dot_gr - flat_dot(gx, v)) * self.grad_scale(x), s)
         return (gx if needs_grad[0] else None), gs
 
 

@@ -64,7 +64,8 @@ def test_quant_conv2d_disabled_is_float_conv():
     qa.set_enabled(False)
     qw.set_enabled(False)
     x, w = torch.randn(1, 3, 6, 6), torch.randn(5, 3, 3, 3)
-    torch.testing.assert_close(quant_conv2d(x, w, None, 1, 1, 1, 1, qa, qw), F.conv2d(x, w, None, 1, 1))
+    y = quant_conv2d(x, w, None, 1, 1, 1, 1, qa, qw)
+    torch.testing.assert_close(y, F.conv2d(x, w, None, 1, 1))
 
 
 @pytest.mark.parametrize("am,ab,wm,wb", PAIRS)

@@ -34,7 +34,9 @@ def test_lsq_weight_values_and_scaled_step_gradient():
     g = 1 / math.sqrt(6 * 1)  # 1/sqrt(N Qp)
     expect = [g * v for v in (-2.0, 0.2, 0.4, -0.2, 0.4, 1.0)]
     np.testing.assert_allclose(_jacobian_wrt(q.step, q, x.detach()), expect, atol=1e-6)
-    np.testing.assert_allclose(expect, [-0.816497, 0.0816497, 0.163299, -0.0816497, 0.163299, 0.408248], atol=1e-6)
+    np.testing.assert_allclose(
+        expect, [-0.816497, 0.0816497, 0.163299, -0.0816497, 0.163299, 0.408248], atol=1e-6
+    )
 
 
 def test_lsq_activation_values_and_per_sample_grad_scale():
