@@ -1,3 +1,4 @@
 """Backbone builders registered in detectron2's BACKBONE_REGISTRY (imported for that)."""
 from .aqd_fpn import build_aqd_resnet_fpn_backbone  # noqa: F401
 from .quicknet import build_quicknet_backbone  # noqa: F401,E402  ("build_quicknet_backbone")
+from .darknet import build_darknet19_backbone, build_mobilenet_yolo_backbone  # noqa: F401,E402

@@ -3,3 +3,4 @@ from .quantized import QuantizedDetector  # noqa: F401
 from .retinanet import AQDRetinaNet  # noqa: F401,E402  ("AQDRetinaNet")
 from .fcos import FCOS  # noqa: F401,E402  ("FCOS")
 from .centernet import CenterNet  # noqa: F401,E402  ("CenterNet")
+from .yolov2 import YOLOv2  # noqa: F401,E402  ("YOLOv2")
