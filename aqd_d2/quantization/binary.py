@@ -9,7 +9,10 @@ Conventions shared by all of them:
 * Encoding: ``codes = 1{x >= 0}`` (uint8 0/1), ``decode = codes * step + offset`` with
   ``step = 2, offset = -1`` (plain sign) or ``step = 2 alpha, offset = -alpha`` (scaled
   sign, alpha per output channel, shape ``(C_out, 1, ..., 1)``). Both are exact in floating
-  point (``2a - a = a`` exactly), which is why the forward may use ``where`` directly.
+  point (``2a - a = a`` exactly), which is why the forward may compute ``+-1`` / ``+-alpha``
+  directly (``copysign``) and still equal ``decode(*encode(x))`` bit for bit.
+* Memory: each quantizer is one autograd node saving only its input (see
+  :mod:`.functional`); the per-channel scale is recomputed in backward.
 """
 from __future__ import annotations
 
