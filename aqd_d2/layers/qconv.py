@@ -34,7 +34,9 @@ from torch import nn
 
 from aqd_d2.quantization import Quantizer
 
-from .quant_layer import QuantLayerMixin, quantization_op, xnor_scale_fallback
+from aqd_d2.quantization import quant_conv2d, xnor_activation_scale
+
+from .quant_layer import QuantLayerMixin
 
 __all__ = ["QConv2d"]
 
@@ -127,15 +129,13 @@ class QConv2d(QuantLayerMixin, Conv2d):
         return (pw, pw, ph, ph)
 
     def _activation_scale(self, x: torch.Tensor, pad: Tuple[int, int, int, int]) -> torch.Tensor:
-        helper = quantization_op("xnor_activation_scale") or xnor_scale_fallback
-        return helper(x, self.kernel_size, self.stride, pad, self.dilation)
+        return xnor_activation_scale(x, self.kernel_size, self.stride, pad, self.dilation)
 
     def _quant_conv(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """``conv2d(pad(Q_x(x), padding_value), Q_w(W)) + bias`` (see module docstring)."""
         pad = self._explicit_padding()
-        fused = quantization_op("quant_conv2d")
-        if fused is not None and self.padding_mode == "zeros" and self.fused_ready():
-            return fused(x, self.weight, bias, self.stride, pad, self.dilation, self.groups,
+        if self.padding_mode == "zeros" and self.fused_ready():
+            return quant_conv2d(x, self.weight, bias, self.stride, pad, self.dilation, self.groups,
                          input_quantizer=self.input_quantizer, weight_quantizer=self.weight_quantizer)
         xq = self.quantize_input(x)
         padding: Union[str, Tuple[int, int]] = self.padding

@@ -20,7 +20,9 @@ from torch import nn
 
 from aqd_d2.quantization import Quantizer
 
-from .quant_layer import QuantLayerMixin, quantization_op
+from aqd_d2.quantization import quant_linear
+
+from .quant_layer import QuantLayerMixin
 
 __all__ = ["QLinear"]
 
@@ -99,9 +101,8 @@ class QLinear(QuantLayerMixin, nn.Linear):
         """Args: x: (..., in_features). Returns: (..., out_features)."""
         scale = self.scales_activations
         bias = None if scale else self.bias
-        fused = quantization_op("quant_linear")
-        if fused is not None and self.fused_ready():
-            out = fused(x, self.weight, bias, input_quantizer=self.input_quantizer,
+        if self.fused_ready():
+            out = quant_linear(x, self.weight, bias, input_quantizer=self.input_quantizer,
                         weight_quantizer=self.weight_quantizer)
         else:
             out = F.linear(self.quantize_input(x), self.quantized_weight(), bias)

@@ -13,52 +13,14 @@ disabled computes exactly what the float layer computes.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from aqd_d2 import quantization
 from aqd_d2.quantization import Quantizer
 
-__all__ = ["QuantLayerMixin", "xnor_scale_fallback", "quantization_op"]
-
-
-def xnor_scale_fallback(
-    x: torch.Tensor,
-    kernel_size: Tuple[int, int],
-    stride: Tuple[int, int],
-    padding: Tuple[int, int, int, int],
-    dilation: Tuple[int, int],
-) -> torch.Tensor:
-    """XNOR-Net's per-pixel activation scale ``K = A * k`` (Rastegari et al., 2016, sec. 3.2).
-
-    ``A = mean_c |x|`` is the mean absolute input over channels and ``k`` a
-    ``kh x kw`` averaging kernel, so ``K[n, 0, i, j]`` is the mean ``|x|`` inside the receptive
-    field of output pixel ``(i, j)`` (zero padded: padded positions contribute 0 to the mean,
-    as in the paper's formulation where ``K`` is computed on the float input).
-
-    Used only when ``aqd_d2.quantization.binary`` provides no ``xnor_activation_scale``.
-
-    Args:
-        x: float input of the conv, shape (N, C, H, W).
-        kernel_size, stride, dilation: the conv's geometry.
-        padding: (left, right, top, bottom) padding of the conv input, as for ``F.pad``.
-    Returns:
-        K of shape (N, 1, H_out, W_out), broadcastable to the conv output.
-    """
-    a = x.abs().mean(dim=1, keepdim=True)
-    a = F.pad(a, padding, value=0.0)
-    kh, kw = kernel_size
-    k = a.new_full((1, 1, kh, kw), 1.0 / (kh * kw))
-    return F.conv2d(a, k, None, stride, 0, dilation)
-
-
-def quantization_op(name: str) -> Optional[Callable]:
-    """``aqd_d2.quantization.<name>`` (e.g. the fused ``quant_conv2d`` or
-    ``xnor_activation_scale``) if the quantization package provides it, else None."""
-    return getattr(quantization, name, None)
+__all__ = ["QuantLayerMixin"]
 
 
 class QuantLayerMixin:
