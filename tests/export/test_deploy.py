@@ -1,0 +1,189 @@
+"""convert_for_inference / load_for_inference: real binary and int8 layers compute what the
+fake-quantized layers compute (to float32 rounding), and a packed + deployed detector gives
+the fake-quantized detector's detections on the embedded dataset's images."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from aqd_d2.export import save_packed
+from aqd_d2.export.binary_conv import BinaryConv2dInference
+from aqd_d2.export.deploy import (
+    BinaryLinearInference,
+    Int8ConvInference,
+    convert_for_inference,
+    int8_gemm_available,
+    load_for_inference,
+)
+from aqd_d2.layers import QConv2d, QLinear
+from aqd_d2.quantization import build_quantizer
+
+SPECS = [  # (w method, w bits, a method, a bits, expected deployment)
+    ("xnor", 1, "xnor", 1, BinaryConv2dInference),
+    ("bnn", 1, "bnn", 1, BinaryConv2dInference),
+    ("liq", 2, "liq", 2, Int8ConvInference),
+    ("liq", 4, "liq", 4, Int8ConvInference),
+    ("lsq", 3, "lsq", 3, Int8ConvInference),
+    ("dorefa", 4, "dorefa", 4, Int8ConvInference),
+    ("bwn", 1, "liq", 4, Int8ConvInference),
+    ("liq", 4, "fp", 32, QConv2d),  # weight-only: frozen fake-quant weight
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _calibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """One training-mode forward (data-initialised quantizers, BN statistics), then eval."""
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
+
+
+def _qconv(wm, wb, am, ab, stride, groups_ok=True):
+    aq = None if ab >= 32 else build_quantizer(am, ab, "activation")
+    return QConv2d(16, 24, 3, stride=stride, padding=1, bias=True, norm=nn.BatchNorm2d(24),
+                   activation=nn.ReLU(), weight_quantizer=build_quantizer(wm, wb, "weight"),
+                   input_quantizer=aq)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s[0]}{s[1]}-{s[2]}{s[3]}")
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_layer_matches_fake_quant(spec, stride):
+    if spec[4] is Int8ConvInference and not int8_gemm_available():
+        pytest.skip("torch._int_mm unavailable")
+    torch.manual_seed(0)
+    m = nn.Sequential(_qconv(*spec[:4], stride))
+    x = torch.randn(2, 16, 11, 9)
+    _calibrated(m, x)
+    with torch.no_grad():
+        ref = m(x)
+        dep, report = convert_for_inference(m)
+        out = dep(x)
+    assert isinstance(dep[0], spec[4]), report.table()
+    assert isinstance(m[0], QConv2d)  # not in place by default
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_layers_match_fake_quant():
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        QLinear(70, 33, weight_quantizer=build_quantizer("xnor", 1, "weight"),
+                input_quantizer=build_quantizer("xnor", 1, "activation")),
+        QLinear(33, 9, weight_quantizer=build_quantizer("liq", 2, "weight"),
+                input_quantizer=build_quantizer("liq", 2, "activation")),
+    )
+    x = torch.randn(13, 70)
+    _calibrated(m, x)
+    with torch.no_grad():
+        ref = m(x)
+        dep, report = convert_for_inference(m)
+        out = dep(x)
+    assert isinstance(dep[0], BinaryLinearInference)
+    assert report.count("binary") == 1
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_xnor_activation_scale_falls_back_to_frozen_weight():
+    torch.manual_seed(0)
+    m = nn.Sequential(QConv2d(8, 8, 3, padding=1, weight_quantizer=build_quantizer("xnor", 1, "weight"),
+                              input_quantizer=build_quantizer("xnor", 1, "activation", scale_activations=True)))
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        ref = m.eval()(x)
+        dep, report = convert_for_inference(m)
+        out = dep(x)
+    assert report.rows[0][1] == "fake-quant weight frozen" and "scale K" in report.rows[0][2]
+    assert not bool(dep[0].weight_quantizer.enabled)
+    torch.testing.assert_close(out, ref)
+
+
+# ---- whole detectors: packed file -> inference model == fake-quantized model -----------------
+def _shapes_images(n: int = 4):
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
+
+    batch = []
+    for rec in DatasetCatalog.get("aqd_shapes_tiny_val")[:n]:
+        img = read_image(rec["file_name"], format="BGR")
+        batch.append({"image": torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1))).float(),
+                      "height": img.shape[0], "width": img.shape[1]})
+    return batch
+
+
+def _detections(model, batch):
+    with torch.no_grad():
+        return [o["instances"] for o in model(batch)]
+
+
+def _assert_same_detections(ref, out):
+    for a, b in zip(ref, out):
+        assert len(a) == len(b) and len(a) > 0
+        torch.testing.assert_close(b.scores, a.scores, rtol=1e-4, atol=1e-4)
+        assert torch.equal(b.pred_classes, a.pred_classes)
+        torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("config, extra, kinds", [
+    ("configs/FasterRCNN/R18-FPN-shapes-cpu-binary-boxhead.yaml",
+     ["MODEL.ROI_BOX_HEAD.FC_DIM", "128", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+      "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"], {"binary"}),
+    ("configs/RetinaNet/R18-FPN-shapes-cpu-2bit.yaml", ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.2"], {"int8"}),
+])
+def test_packed_detector_equals_fake_quant(tmp_path, config, extra, kinds):
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from tests.test_configs import load_test_config, tiny_batch
+
+    torch.manual_seed(0)
+    cfg = load_test_config(config, extra=extra, narrow=True)
+    model = build_model(cfg)
+    model.train()
+    with EventStorage(0), torch.no_grad():
+        model(tiny_batch())  # data-initialised quantizers, non-trivial BN statistics
+    # spread the classification scores (a random init scores every box alike)
+    pred = model.roi_heads.box_predictor.cls_score if hasattr(model, "roi_heads") else model.head.cls_score
+    nn.init.normal_(pred.weight, std=0.5)
+    nn.init.zeros_(pred.bias)
+    model.eval()
+    batch = _shapes_images()
+    ref = _detections(model, batch)
+
+    path = tmp_path / "model.packed"
+    save_packed(model, str(path))
+    fresh = build_model(cfg)
+    deployed, report = load_for_inference(fresh, str(path))
+    assert kinds <= {r[1] for r in report.rows}, report.table()
+    assert not any(isinstance(m, (QConv2d, QLinear)) and m.input_quantizer is not None
+                   and int(m.input_quantizer.bits) <= 2 for m in deployed.modules())
+    _assert_same_detections(ref, _detections(deployed, batch))
+    # every deployed layer equals its fake-quantized layer on the inputs that layer sees in the
+    # detector. (Whole feature maps of a 2-bit network are compared only through the
+    # detections: a float32 rounding difference that lands on a 2-bit threshold flips one code,
+    # and deep random-init 2-bit networks amplify that; the deployed integer path is the exact
+    # one, the fake-quant float convolution the one that rounds.)
+    deployed_mods = dict(deployed.named_modules())
+    checked = []
+
+    def compare(name):
+        def hook(module, inputs, output):
+            ours = deployed_mods[name](inputs[0].clone())
+            scale = float(output.abs().max()) + 1e-6
+            assert float((ours - output).abs().max()) <= 1e-5 * scale, name
+            checked.append(name)
+        return hook
+
+    handles = [m.register_forward_hook(compare(n)) for n, m in model.named_modules()
+               if isinstance(m, (QConv2d, QLinear)) and not isinstance(deployed_mods[n], (QConv2d, QLinear))]
+    with torch.no_grad():
+        model(batch[:2])
+    for h in handles:
+        h.remove()
+    assert len(set(checked)) == len(handles) > 10
