@@ -346,6 +346,9 @@ def _add_centernet_yolo_config(cfg: CN) -> None:
     # Which student losses are classification / localization (re.fullmatch on the name).
     _C.MODEL.KT.CLS_LOSS_REGEX = r"loss_(cls|heatmap|obj|noobj|class).*"
     _C.MODEL.KT.LOC_LOSS_REGEX = r"loss_(box|loc|size|offset|coord|bbox|centerness).*"
+    # Teacher BatchNorm: "eval" (running statistics, a fixed teacher) or "batch" (batch
+    # statistics like the training student; running statistics untouched).
+    _C.MODEL.KT.TEACHER_BN_MODE = "eval"
     # ---- stage-wise binarization (aqd_d2.engine.stage_hook; paper 004 sec. III-B) ----
     _C.AQD.STAGE_BINARIZATION = CN()
     # Groups of quantized layers (full-match regexes of layer names), binarized in this
@@ -376,6 +379,7 @@ def _validate_centernet_yolo_config(cfg: CN) -> None:
         raise ConfigError(f"MODEL.YOLO.ANCHORS = {y.ANCHORS}: need positive [w, h] pairs")
     if cfg.MODEL.DARKNET.WIDTH_MULT <= 0:
         raise ConfigError("MODEL.DARKNET.WIDTH_MULT must be > 0")
+    _check_choice(cfg, "MODEL.KT.TEACHER_BN_MODE", {"eval", "batch"})
     s = cfg.AQD.STAGE_BINARIZATION
     if len(s.GROUPS) != len(s.ITERS):
         raise ConfigError(f"AQD.STAGE_BINARIZATION.GROUPS ({len(s.GROUPS)}) and ITERS "

@@ -22,6 +22,7 @@ from detectron2.evaluation import (
 
 from .. import compat
 from .checkpoint import AQDCheckpointer
+from .stage_hook import build_aqd_hooks
 
 __all__ = ["Trainer", "build_evaluator"]
 
@@ -68,7 +69,8 @@ class Trainer(DefaultTrainer):
         self.checkpointer = AQDCheckpointer(
             old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
         )
-        return super().build_hooks()
+        # aqd_d2's hooks (stage-wise binarization, ...) run before detectron2's defaults.
+        return build_aqd_hooks(self.cfg, self) + super().build_hooks()
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

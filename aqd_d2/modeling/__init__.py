@@ -1,3 +1,4 @@
 """Detectron2 building blocks that aqd_d2 registers (backbones, meta-architectures, losses)."""
 from . import backbone  # noqa: F401
 from . import meta_arch  # noqa: F401
+from . import distill  # noqa: F401,E402  (registers the "KnowledgeTransfer" meta-architecture)
