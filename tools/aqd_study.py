@@ -7,7 +7,7 @@ It checks, at demo scale, two claims of AQD (paper 002): 4-bit within about 1 AP
 ``train_net.py`` (aqd_d2's Trainer: train, then COCO evaluation on ``aqd_shapes_val``) in its own
 process, with a configs/{RetinaNet,FCOS}/R18-FPN-shapes-cpu-*.yaml file. As in the paper, each
 quantized run starts from the float run's final checkpoint (MODEL.WEIGHTS) and uses the same
-schedule as the float run (lr 0.01, SGD momentum 0.9, weight decay 1e-4; the configs' 400
+schedule as the float run (lr 0.01, SGD momentum 0.9, weight decay 1e-4; the configs' 800
 iterations of batch 8 unless ``--max-iter`` scales it).
 
 Usage::
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
                      "head_bn": run.head_bn, "config": run.config, "metrics": metrics})
     table = markdown(rows)
     checks = claims(rows)
-    setup = {"max_iter": args.max_iter or "config (400)", "batch": args.batch or "config (8)",
+    setup = {"max_iter": args.max_iter or "config (800)", "batch": args.batch or "config (8)",
              "device": args.device or "config (cpu)", "opts": list(args.opts),
              "seed": args.seed, "train_set": args.train_set or "aqd_shapes_train",
              "test_set": args.test_set or "aqd_shapes_val"}
