@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aqd_d2.convert import _replace_references  # the conversion pass's reference rewiring
 from aqd_d2.layers import QConv2d, QLinear, QuantLayerMixin
 
 from .binary_conv import BinaryConv2dInference, binary_conv2d, pack_weights
@@ -398,12 +399,6 @@ def _fold_float_conv(conv: nn.Conv2d) -> bool:
     return True
 
 
-def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 @torch.no_grad()
 def convert_for_inference(
     model: nn.Module,
@@ -430,6 +425,7 @@ def convert_for_inference(
         model = copy.deepcopy(model)
     model.eval()
     report = DeployReport()
+    mapping: Dict[int, nn.Module] = {}
     for name, m in list(model.named_modules()):
         if isinstance(m, (QConv2d, QLinear)):
             enc = _encoding(name, m, encodings)
@@ -439,10 +435,13 @@ def convert_for_inference(
                 if fold_bn and isinstance(m, QConv2d) and _fold_float_conv(m):
                     detail += ", BN folded"
             else:
-                _set_child(model, name, new.eval())
+                mapping[id(m)] = new.eval()
             report.rows.append((name, kind, detail))
         elif isinstance(m, nn.Conv2d) and fold_bn and _fold_float_conv(m):
             report.rows.append((name, "float (BN folded)", ""))
+    # every reference: child slots and plain lists (detectron2's FPN runs its convs from the
+    # lists ``lateral_convs`` / ``output_convs``, not from the registered attributes)
+    _replace_references(model, mapping)
     return model, report
 
 

@@ -130,13 +130,18 @@ def _assert_same_detections(ref, out):
         torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("config, extra, kinds", [
+@pytest.mark.parametrize("config, extra, kinds, fold_bn", [
+    # BNN (unscaled signs), BN not folded: every op of the deployed model is exact or the same
+    # float op as in the fake-quantized model, so the detections are bit-identical.
     ("configs/FasterRCNN/R18-FPN-shapes-cpu-binary-boxhead.yaml",
      ["MODEL.ROI_BOX_HEAD.FC_DIM", "128", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
-      "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"], {"binary"}),
-    ("configs/RetinaNet/R18-FPN-shapes-cpu-2bit.yaml", ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.2"], {"int8"}),
-])
-def test_packed_detector_equals_fake_quant(tmp_path, config, extra, kinds):
+      "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.QUANT.W_METHOD", "bnn",
+      "MODEL.QUANT.A_METHOD", "bnn"], {"binary"}, False),
+    # 2-bit LIQ on the int8 path with BN folded: equal to float32 rounding
+    ("configs/RetinaNet/R18-FPN-shapes-cpu-2bit.yaml", ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.2"],
+     {"int8"}, True),
+], ids=["binary-frcnn-exact", "2bit-retinanet"])
+def test_packed_detector_equals_fake_quant(tmp_path, config, extra, kinds, fold_bn):
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
@@ -159,11 +164,15 @@ def test_packed_detector_equals_fake_quant(tmp_path, config, extra, kinds):
     path = tmp_path / "model.packed"
     save_packed(model, str(path))
     fresh = build_model(cfg)
-    deployed, report = load_for_inference(fresh, str(path))
+    deployed, report = load_for_inference(fresh, str(path), fold_bn=fold_bn)
     assert kinds <= {r[1] for r in report.rows}, report.table()
     assert not any(isinstance(m, (QConv2d, QLinear)) and m.input_quantizer is not None
                    and int(m.input_quantizer.bits) <= 2 for m in deployed.modules())
-    _assert_same_detections(ref, _detections(deployed, batch))
+    out = _detections(deployed, batch)
+    _assert_same_detections(ref, out)
+    if not fold_bn:
+        for a, b in zip(ref, out):
+            assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) and torch.equal(a.scores, b.scores)
     # every deployed layer equals its fake-quantized layer on the inputs that layer sees in the
     # detector. (Whole feature maps of a 2-bit network are compared only through the
     # detections: a float32 rounding difference that lands on a 2-bit threshold flips one code,
@@ -182,8 +191,38 @@ def test_packed_detector_equals_fake_quant(tmp_path, config, extra, kinds):
 
     handles = [m.register_forward_hook(compare(n)) for n, m in model.named_modules()
                if isinstance(m, (QConv2d, QLinear)) and not isinstance(deployed_mods[n], (QConv2d, QLinear))]
+    # the FPN runs its convs from python lists: those must be the deployed modules too
+    fpn = deployed.backbone
+    assert not any(isinstance(c, (QConv2d, QLinear)) for c in list(fpn.lateral_convs) + list(fpn.output_convs))
     with torch.no_grad():
         model(batch[:2])
     for h in handles:
         h.remove()
     assert len(set(checked)) == len(handles) > 10
+
+
+def test_export_and_infer_tools(tmp_path):
+    """tools/export_model.py writes a packed file; tools/infer_packed.py runs it on dataset
+    images with the real kernels and draws a PNG."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.conftest import REPO
+
+    cfg = str(REPO / "configs/FasterRCNN/R18-FPN-shapes-cpu-binary-boxhead.yaml")
+    narrow = ["MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64"]
+    packed, png = tmp_path / "m.packed", tmp_path / "det.png"
+    run = lambda *a: subprocess.run([sys.executable, *a], capture_output=True, text=True,  # noqa: E731
+                                    cwd=REPO, timeout=180)
+    res = run(str(REPO / "tools/export_model.py"), "--config-file", cfg, "--output", str(packed), *narrow)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "packed layers" in res.stdout
+    res = run(str(REPO / "tools/infer_packed.py"), "--config-file", cfg, "--packed", str(packed),
+              "--dataset", "aqd_shapes_tiny_val", "--num-images", "2", "--output", str(png),
+              "--threads", "1", *narrow)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "'binary': 30" in res.stdout
+    w, h = Image.open(png).size
+    assert w > 2 * 128 and h > 128
