@@ -65,3 +65,22 @@ def test_binary_weight_only_is_not_binary_mac_and_model_size():
 def test_eq1_formula():
     assert equivalent_flops(6400, 0.5) == pytest.approx(50 + 3200)
     assert equivalent_flops(100, 0.0) == 100 and equivalent_flops(64, 1.0) == 1
+
+
+def test_tool_reports_centernet_and_yolo(capsys):
+    import importlib.util
+    import json
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("eqflops_tool", REPO / "tools" / "equivalent_flops.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--config-file", str(REPO / "configs/CenterNet/q-shapes-cpu-binary.yaml")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["input"] == [128, 128] and 0 < out["r_b"] < 1
+    assert out["equivalent_FLOP"] == pytest.approx(equivalent_flops(out["MACs"], out["r_b"]))
+    assert tool.main(["--config-file", str(REPO / "configs/YOLOv2/DarkNet19-kitti-cpu-FP.yaml"),
+                      "--input-size", "64", "64"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["r_b"] == 0 and out["MACs"] > 0

@@ -213,10 +213,15 @@ class CenterNet(nn.Module):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
+    def dense_forward(self, x: Tensor) -> Dict[str, Tensor]:
+        """Network part on a normalized, padded (N, 3, H, W) batch: ``{"heatmap": (N, C, h, w)
+        logits, "size": (N, 2, h, w), "offset": (N, 2, h, w)}`` with h = H / stride. Tools that
+        trace the dense part of a detector (MAC counting, export) can call it."""
+        return self.head(self.decoder(self.backbone(x)[self.in_feature]))
+
     def forward(self, batched_inputs: List[dict]):
         images = self.preprocess_image(batched_inputs)
-        feat = self.backbone(images.tensor)[self.in_feature]
-        preds = self.head(self.decoder(feat))
+        preds = self.dense_forward(images.tensor)
         if self.training:
             gt = [x["instances"].to(self.device) for x in batched_inputs]
             return self.losses(preds, gt)

@@ -147,11 +147,19 @@ class YOLOv2(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    def forward(self, batched_inputs: List[dict]):
+    def preprocess_image(self, batched_inputs: List[dict]) -> ImageList:
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
-        feats = self.backbone(images.tensor)
-        out = self.head(feats[self.in_feature], feats[self.passthrough_feature])
+        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+
+    def dense_forward(self, x: Tensor) -> Tensor:
+        """Network part on a normalized, padded (N, 3, H, W) batch: raw outputs
+        (N, A, 5 + C, H / 32, W / 32). Tools that trace the dense part can call it."""
+        feats = self.backbone(x)
+        return self.head(feats[self.in_feature], feats[self.passthrough_feature])
+
+    def forward(self, batched_inputs: List[dict]):
+        images = self.preprocess_image(batched_inputs)
+        out = self.dense_forward(images.tensor)
         if self.training:
             return self.losses(out, [x["instances"].to(self.device) for x in batched_inputs])
         return self.inference(out, images, batched_inputs)
