@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Deployment benchmark: real binary / int8 inference vs float, and packed file sizes.
 
-    python tools/bench_deploy.py [--size 320] [--repeats 7] [--threads 1] [--skip-e2e]
+    python tools/bench_deploy.py [--size 320 [640 ...]] [--repeats 7] [--threads 1] [--skip-e2e]
         [--skip-layers] [--skip-sizes] [--json out.json]
 
 1. End to end, one thread: Faster R-CNN R18-FPN (configs/FasterRCNN/R18-FPN-shapes-cpu-*.yaml)
@@ -168,7 +168,7 @@ def bench_sizes() -> list:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=320)
+    p.add_argument("--size", type=int, nargs="+", default=[320], help="end-to-end input size(s)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-e2e", action="store_true")
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     result = {"torch": torch.__version__, "threads": args.threads, "binary_kernel": kernel_backend()}
     if not args.skip_e2e:
-        result["end_to_end"] = bench_end_to_end(args.size, args.repeats)
+        result["end_to_end"] = {str(s): bench_end_to_end(s, args.repeats) for s in args.size}
     if not args.skip_layers:
         result["int8_layers"] = bench_layers(args.repeats)
     if not args.skip_sizes:

@@ -28,6 +28,12 @@ Counting rules (the conventions of the binary-detection papers):
   float layers, quantizer parameters) its dtype's size. Buffers (BN running statistics) are
   not parameters and are not counted; :func:`aqd_d2.export.packed_size_report` gives the
   size of a whole packed checkpoint. MB = 2**20 bytes.
+* Deployed models (:func:`aqd_d2.export.deploy.convert_for_inference`) count like the
+  fake-quantized model: the binary kernel op and the int8 GEMM (``aten::_int_mm``) have
+  handles, packed/int8 weight buffers count as the parameters they replace, and a layer whose
+  weight quantizer was disabled after its weight was decoded from codes (``load_packed``, the
+  deploy fallback) counts at that quantizer's bits when every output channel of the weight
+  has at most ``2**bits`` distinct values.
 
 Detectron2 meta-architectures cannot be traced as a whole (their inputs are lists of dicts and
 their outputs ``Instances``); :func:`analyze_model` traces their dense part instead: backbone,
@@ -65,18 +71,32 @@ def layer_bits(module: nn.Module) -> Tuple[int, int]:
     """``(weight bits, input bits)`` of a layer: its enabled quantizers' bits, 1/1 for a
     deployed binary conv (``weight_words`` buffer), the ``w_bits``/``a_bits`` attributes of
     deployed k-bit modules, else 32/32 (float)."""
-    if hasattr(module, "weight_quantizer") or hasattr(module, "input_quantizer"):
-        return (_active_bits(getattr(module, "weight_quantizer", None)),
-                _active_bits(getattr(module, "input_quantizer", None)))
-    if hasattr(module, "weight_words"):
-        return 1, 1
     if hasattr(module, "w_bits") and hasattr(module, "a_bits"):
         return int(module.w_bits), int(module.a_bits)
+    if isinstance(getattr(module, "weight_words", None), torch.Tensor):
+        return 1, 1
+    if hasattr(module, "weight_quantizer") or hasattr(module, "input_quantizer"):
+        wq = getattr(module, "weight_quantizer", None)
+        wb = _active_bits(wq)
+        if wb >= FLOAT_BITS and wq is not None and _on_grid(getattr(module, "weight", None), int(wq.bits)):
+            wb = int(wq.bits)  # weight already quantized and frozen (load_packed, deploy)
+        return wb, _active_bits(getattr(module, "input_quantizer", None))
     return FLOAT_BITS, FLOAT_BITS
 
 
+def _on_grid(weight: Optional[torch.Tensor], bits: int) -> bool:
+    """True when every output channel of ``weight`` takes at most ``2**bits`` distinct values
+    (a weight decoded from ``bits``-bit codes, whose quantizer was then disabled)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2 or bits > 8:
+        return False
+    rows = weight.detach().reshape(weight.shape[0], -1).sort(dim=1).values
+    distinct = (rows.diff(dim=1) != 0).sum(dim=1) + 1
+    return bool((distinct <= 2 ** bits).all())
+
+
 def _is_compute_layer(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Conv2d, nn.Linear)) or hasattr(m, "weight_words") or hasattr(m, "w_bits")
+    return (isinstance(m, (nn.Conv2d, nn.Linear)) or isinstance(getattr(m, "weight_words", None), torch.Tensor)
+            or hasattr(m, "w_bits"))
 
 
 # ==== fvcore handles ===========================================================================
@@ -116,6 +136,16 @@ def _binary_kernel_macs(inputs, outputs) -> int:
     return math.prod(out) * x[1] * int(kh) * int(kw)
 
 
+def _int_mm_macs(inputs, outputs) -> int:
+    """``aten::_int_mm(A [m, k], B [k, n])``: ``m * k * n`` (the deployed int8 layers,
+    :class:`aqd_d2.export.deploy.Int8ConvInference`; an extra all-ones weight column of theirs
+    is subtracted per layer in :func:`analyze_model`)."""
+    a, b = _shape(inputs[0]), _shape(inputs[1])
+    if a is None or b is None:
+        return 0
+    return a[0] * a[1] * b[1]
+
+
 def _zero(inputs, outputs) -> int:
     return 0
 
@@ -126,6 +156,7 @@ _HANDLES = {
     "prim::PythonOp._QuantConv2d": _conv_macs,
     "prim::PythonOp._QuantLinear": _linear_macs,
     "aqd_binary::conv2d": _binary_kernel_macs,
+    "aten::_int_mm": _int_mm_macs,
     "quantized::conv2d": _conv_macs,
     "quantized::conv2d_relu": _conv_macs,
 }
@@ -386,14 +417,13 @@ def analyze_model(
         model.train(was_training)
 
     rows: List[LayerStats] = []
-    seen: set = set()
     layer_param_ids: set = set()
+    counted: List[str] = []
     for name, m in model.named_modules():
-        if not _is_compute_layer(m) or id(m) in seen:
-            continue
-        seen.add(id(m))
+        if not _is_compute_layer(m) or any(name.startswith(c + ".") for c in counted):
+            continue  # a deployed layer's inner module (e.g. BinaryLinearInference.conv)
+        counted.append(name)
         wb, ab = layer_bits(m)
-        own = [p for p in m.parameters(recurse=False)]
         # parameters of the layer itself (weight, bias) and of its norm / quantizers
         sub = [p for p in m.parameters() if id(p) not in layer_param_ids]
         for p in sub:
@@ -406,12 +436,25 @@ def analyze_model(
                 storage += p.numel() * wb / 8.0
             else:
                 storage += p.numel() * p.element_size()
-        if hasattr(m, "weight_words"):  # deployed binary conv: its weight is a buffer
+        # deployed modules keep weight (and bias) as buffers: count them as the parameters
+        # they were
+        n_w = 0
+        if hasattr(m, "weight_words"):
             n_w = m.out_channels * m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(getattr(m, "weight_int8", None), torch.Tensor):
+            n_w = m.weight_int8.shape[0] * m.out_channels
+        if n_w:
             params += n_w
-            storage += n_w / 8.0
-        del own
+            storage += n_w * wb / 8.0
+            bias = getattr(m, "bias", None)
+            if bias is None and hasattr(m, "conv"):
+                bias = getattr(m.conv, "bias", None)
+            if isinstance(bias, torch.Tensor) and not isinstance(bias, nn.Parameter):
+                params += bias.numel()
+                storage += bias.numel() * 4.0
         macs = int(by_module.get(prefix + name, 0))
+        if getattr(m, "has_sum_column", False):  # int8 GEMM's receptive-field-sum column
+            macs = macs // (m.out_channels + 1) * m.out_channels
         quantized = wb < FLOAT_BITS and ab < FLOAT_BITS
         rows.append(LayerStats(
             name=name, type=type(m).__name__, w_bits=wb, a_bits=ab, params=params,

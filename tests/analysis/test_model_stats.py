@@ -96,3 +96,23 @@ def test_cli_on_config(tmp_path):
     quantized = [r for r in layers if r["w_bits"] == 2]
     assert quantized and all(r["bops"] == r["macs"] * 4 for r in quantized)
     assert data["totals"]["bops"] > 0 and data["totals"]["binarization_ratio"] == 0.0
+
+
+def test_deployed_model_counts_like_fake_quant_model():
+    """The real binary / int8 modules of convert_for_inference count the same MACs, BOPs,
+    parameters and storage as the fake-quantized layers they replace."""
+    from aqd_d2.export.deploy import convert_for_inference, int8_gemm_available
+
+    if not int8_gemm_available():
+        pytest.skip("torch._int_mm unavailable")
+    model = _small_model().eval()
+    deployed, _ = convert_for_inference(model, fold_bn=False)
+    a = {r.name: r for r in analyze_model(model, (1, 3, 8, 8)).layers}
+    b = {r.name: r for r in analyze_model(deployed, (1, 3, 8, 8)).layers}
+    assert a.keys() == b.keys()
+    for name in ("0", "1", "2", "5"):
+        ra, rb = a[name], b[name]
+        assert (rb.macs, rb.bops, rb.w_bits, rb.a_bits) == (ra.macs, ra.bops, ra.w_bits, ra.a_bits), name
+    # weights (and biases) are the same tensors in another form; quantizer state differs
+    assert (b["2"].params, b["2"].storage_bytes) == (a["2"].params, a["2"].storage_bytes)
+    assert (b["5"].params, b["5"].storage_bytes) == (a["5"].params, a["5"].storage_bytes)
