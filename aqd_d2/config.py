@@ -98,14 +98,14 @@ def _add_quant_config(cfg: CN) -> None:
 
 
 def _validate_quant_config(cfg: CN) -> None:
-    """Check MODEL.QUANT (see :meth:`aqd_d2.convert.QuantPolicy.from_config`).
+    """Check MODEL.QUANT (see :meth:`aqd_d2.quant_policy.QuantPolicy.from_config`).
 
     Method names are checked against the quantizer registry only when ENABLED (a disabled
     policy builds no quantizer). Checks that need the model (a SCOPE component or override
     matching no layer) run in :func:`aqd_d2.convert.quantize_model`.
     """
-    # Imported here: aqd_d2.convert imports this module (ConfigError).
-    from .convert import QuantPolicy
+    # Imported here: aqd_d2.quant_policy imports this module (ConfigError).
+    from .quant_policy import QuantPolicy
 
     QuantPolicy.from_config(cfg, check_methods=bool(cfg.MODEL.QUANT.ENABLED))
 
