@@ -73,16 +73,19 @@ def build(rel: str, opts=()) -> torch.nn.Module:
     return build_model(cfg).eval()
 
 
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Median seconds per call of each function, timed round-robin after one warm-up call."""
+def interleaved(fns: dict, repeats: int, inner: int = 1, warmup: int = 2) -> dict:
+    """Median seconds per call of each function, timed round-robin (each sample: the mean of
+    ``inner`` calls) after ``warmup`` calls of each (first calls set up kernels and caches)."""
     times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
     for _ in range(repeats):
         for k, f in fns.items():
             t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
+            for _ in range(inner):
+                f()
+            times[k].append((time.perf_counter() - t) / inner)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -103,7 +106,7 @@ def bench_end_to_end(size: int, repeats: int) -> dict:
         counts[name] = len(props[0])
     fns = {k: (lambda m=m: m(batch)) for k, m in models.items()}
     with torch.no_grad():
-        t = interleaved(fns, repeats)
+        t = interleaved(fns, repeats, warmup=2)
     base = t["float"]
     rows = {k: {"seconds": v, "speedup": base / v, "proposals": counts[k]} for k, v in t.items()}
     print(f"\n== end to end, Faster R-CNN R18-FPN, {size}x{size}, {torch.get_num_threads()} thread(s), "
@@ -133,7 +136,7 @@ def bench_layers(repeats: int) -> list:
             mod = Int8ConvInference(codes, step, offset, bits, aq, conv.bias, (s, s), (k // 2,) * 2, (1, 1))
             fns[f"{bits}bit"] = lambda m=mod: m(x)
         with torch.no_grad():
-            t = interleaved(fns, repeats)
+            t = interleaved(fns, repeats, inner=5, warmup=5)
         row = {"layer": f"{c}->{o} {k}x{k}/s{s} @{hw}x{hw}", "float_ms": t["float"] * 1e3,
                "int8_4bit_ms": t["4bit"] * 1e3, "int8_2bit_ms": t["2bit"] * 1e3,
                "ratio_4bit": t["float"] / t["4bit"], "ratio_2bit": t["float"] / t["2bit"]}
