@@ -55,9 +55,9 @@ def test_targets_round_trip_through_decoder():
 def test_quicknet_structure_and_binary_layers():
     cfg = load_test_config(BINARY)
     model = build_model(cfg)
-    assert model.stride == 4 and model.backbone.output_shape()["enc"].stride == 64
+    assert model.stride == 4 and model.backbone.output_shape()["enc"].stride == 32
     quantized = set(model.quant_report.quantized_names())
-    blocks = {f"backbone.scale{i}.block1.conv" for i in range(1, 5)}
+    blocks = {f"backbone.scale{i}.block1.conv" for i in range(1, 4)}
     assert quantized == blocks
     assert not model.backbone.scale1.transition.blur.weight.requires_grad
     bn = model.backbone.scale1.block1.norm
