@@ -36,7 +36,8 @@ Counting rules (the conventions of the binary-detection papers):
   has at most ``2**bits`` distinct values.
 
 Detectron2 meta-architectures cannot be traced as a whole (their inputs are lists of dicts and
-their outputs ``Instances``); :func:`analyze_model` traces their dense part instead: backbone,
+their outputs ``Instances``); :func:`analyze_model` traces their dense part instead: the
+model's ``dense_forward(x)`` where it has one (aqd_d2's CenterNet, YOLOv2), else backbone,
 then the dense head (RetinaNet/FCOS ``head``), the RPN head, and the ROI box head on
 ``num_proposals`` boxes per image (default ``MODEL.RPN.POST_NMS_TOPK_TEST``, as at test
 time). Post-processing (anchor decoding, NMS) is not counted. Any other ``nn.Module`` is
@@ -95,7 +96,7 @@ def _on_grid(weight: Optional[torch.Tensor], bits: int) -> bool:
 
 
 def _is_compute_layer(m: nn.Module) -> bool:
-    return (isinstance(m, (nn.Conv2d, nn.Linear)) or isinstance(getattr(m, "weight_words", None), torch.Tensor)
+    return (isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) or isinstance(getattr(m, "weight_words", None), torch.Tensor)
             or hasattr(m, "w_bits"))
 
 
@@ -288,17 +289,10 @@ class ModelStats:
 
 
 def _equivalent_flop_eq1(macs: float, r_b: float) -> float:
-    """Paper 003 eq. 1. Uses :mod:`aqd_d2.analysis.equivalent_flops` when that module provides
-    ``equivalent_flops(macs, binarization_ratio)`` (kept in one place), else the formula."""
-    try:
-        from aqd_d2.analysis import equivalent_flops as _eq  # type: ignore[attr-defined]
+    """Paper 003 eq. 1, from its one implementation (:mod:`aqd_d2.analysis.equivalent_flops`)."""
+    from .equivalent_flops import equivalent_flops
 
-        fn = getattr(_eq, "equivalent_flops", None)
-        if callable(fn):
-            return float(fn(macs, r_b))
-    except ImportError:
-        pass
-    return macs * r_b / 64.0 + macs * (1.0 - r_b)
+    return float(equivalent_flops(macs, r_b))
 
 
 # ==== tracing ==================================================================================
@@ -312,6 +306,8 @@ class _DenseDetector(nn.Module):
 
     def forward(self, x: torch.Tensor):
         m = self.model
+        if hasattr(m, "dense_forward"):  # detectors that expose their dense part (CenterNet, YOLOv2)
+            return tuple(_flatten(m.dense_forward(x)))
         feats = m.backbone(x)
         outs: List[torch.Tensor] = list(feats.values())
         head = getattr(m, "head", None)
@@ -347,6 +343,8 @@ def _flatten(obj) -> List[torch.Tensor]:
 
 
 def _is_detectron2_detector(model: nn.Module) -> bool:
+    if callable(getattr(model, "dense_forward", None)):
+        return True
     return hasattr(model, "backbone") and (
         hasattr(model, "head") or hasattr(model, "proposal_generator") or hasattr(model, "roi_heads"))
 
@@ -363,7 +361,7 @@ def _input_tensor(model: nn.Module, inputs) -> torch.Tensor:
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     if _is_detectron2_detector(model):
         # normalized like preprocess_image would; padded to the backbone's divisibility
-        div = int(getattr(model.backbone, "size_divisibility", 0) or 0)
+        div = int(getattr(getattr(model, "backbone", None), "size_divisibility", 0) or 0)
         if div > 1:
             h, w = shape[-2:]
             x = nn.functional.pad(x, (0, (-w) % div, 0, (-h) % div))
