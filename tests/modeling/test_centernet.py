@@ -67,3 +67,14 @@ def test_quicknet_structure_and_binary_layers():
     r = count_macs(model, tiny_batch(1, with_gt=False))
     assert r.binary_layers == blocks and 0 < r.binarization_ratio < 1
     assert r.equivalent_flops < r.macs
+
+
+def test_losses_without_objects():
+    model = build_model(load_test_config("configs/CenterNet/q-shapes-cpu-FP.yaml"))
+    empty = Instances((64, 64))
+    empty.gt_boxes = Boxes(torch.zeros(0, 4))
+    empty.gt_classes = torch.zeros(0, dtype=torch.long)
+    preds = {"heatmap": torch.zeros(1, 6, 16, 16), "size": torch.zeros(1, 2, 16, 16),
+             "offset": torch.zeros(1, 2, 16, 16)}
+    losses = model.losses(preds, [empty])
+    assert float(losses["loss_size"]) == 0 and float(losses["loss_heatmap"]) > 0

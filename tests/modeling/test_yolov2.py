@@ -81,3 +81,12 @@ def test_table_layers_and_model_sizes(config, quantized, size_mb):
     if config == "DarkNet19-kitti-M1":
         assert "backbone.conv5_1" in names and "head.conv8_1" in names
         assert not any(n.startswith(("backbone.conv4", "backbone.conv1", "head.pred")) for n in names)
+
+
+def test_losses_without_objects():
+    model = build_model(load_test_config(CPU))
+    empty = Instances((64, 64))
+    empty.gt_boxes = Boxes(torch.zeros(0, 4))
+    empty.gt_classes = torch.zeros(0, dtype=torch.long)
+    losses = model.losses(torch.zeros(1, 5, 8, 2, 2), [empty])
+    assert float(losses["loss_coord"]) == 0 and float(losses["loss_noobj"]) > 0
