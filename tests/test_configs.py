@@ -53,17 +53,15 @@ def load_test_config(rel_path: str, extra=(), narrow: bool = False):
         opts += ["MODEL.FPN.OUT_CHANNELS", "64"]
         if cfg.MODEL.RESNETS.DEPTH >= 50:
             opts += ["MODEL.RESNETS.WIDTH_PER_GROUP", "16", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]
+        # DarkNet-19 is ~50 M parameters; KT configs keep full width (their teacher, built
+        # from its own config file, must match the student's feature shapes).
+        if cfg.MODEL.QUANT.META_ARCHITECTURE == "YOLOv2" and cfg.MODEL.META_ARCHITECTURE != "KnowledgeTransfer":
+            opts += ["MODEL.DARKNET.WIDTH_MULT", "0.125"]
     if cfg.MODEL.QUANT.W_METHOD == "liq" and not cfg.MODEL.QUANT.W_KWARGS:
         opts += ["MODEL.QUANT.W_KWARGS", "['init=max']"]
     if cfg.MODEL.QUANT.A_METHOD == "liq" and not cfg.MODEL.QUANT.A_KWARGS:
         opts += ["MODEL.QUANT.A_KWARGS", "['init=max']"]
     cfg.merge_from_list(opts + list(extra))
-    if cfg.MODEL.QUANT.ENABLED:
-        from aqd_d2.quantization import available_quantizers
-
-        missing = {cfg.MODEL.QUANT.W_METHOD, cfg.MODEL.QUANT.A_METHOD} - set(available_quantizers())
-        if missing:
-            pytest.skip(f"quantization methods {sorted(missing)} are not registered in this checkout")
     return cfg
 
 
