@@ -43,7 +43,7 @@ from aqd_d2.quant_policy import (  # noqa: F401  (re-exported: the policy is par
 __all__ = [
     "QuantPolicy", "LayerPrecision", "Override", "LayerDecision", "ConversionReport",
     "quantize_model", "set_quantization_enabled", "quantized_layers", "FLOAT_BITS",
-    "BINARY_METHODS",
+    "BINARY_METHODS", "replace_module_references",
 ]
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def _swap_refs(v: Any, mapping: Dict[int, nn.Module]) -> Tuple[Any, bool]:
     return v, False
 
 
-def _replace_references(model: nn.Module, mapping: Dict[int, nn.Module]) -> None:
+def replace_module_references(model: nn.Module, mapping: Dict[int, nn.Module]) -> None:
     """Point every reference to a swapped module at its replacement: the child slot under
     every parent (a shared module is replaced everywhere) and plain python containers stored
     as module attributes (detectron2's FPN keeps its convs in lists ``lateral_convs`` /
@@ -244,7 +244,7 @@ def quantize_model(model: nn.Module, policy: QuantPolicy) -> ConversionReport:
             new._forward_pre_hooks.update(m._forward_pre_hooks)
             new._forward_hooks.update(m._forward_hooks)
             mapping[id(m)] = new
-    _replace_references(model, mapping)
+    replace_module_references(model, mapping)
     report = ConversionReport([d for d, _ in decisions])
     if policy.keep_last_fp and "head" in policy.scope and not any(
         d.reason.startswith("last layer") for d in report.layers

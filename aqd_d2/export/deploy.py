@@ -47,7 +47,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from aqd_d2.convert import _replace_references  # the conversion pass's reference rewiring
+from aqd_d2.convert import replace_module_references
 from aqd_d2.layers import QConv2d, QLinear, QuantLayerMixin
 
 from .binary_conv import BinaryConv2dInference, binary_conv2d
@@ -319,7 +319,7 @@ def convert_for_inference(
             report.rows.append((name, "float (BN folded)", ""))
     # every reference: child slots and plain lists (detectron2's FPN runs its convs from the
     # lists ``lateral_convs`` / ``output_convs``, not from the registered attributes)
-    _replace_references(model, mapping)
+    replace_module_references(model, mapping)
     return model, report
 
 
