@@ -17,17 +17,10 @@ from aqd_d2.convert import (
 )
 from aqd_d2.layers import QConv2d, QLinear
 from aqd_d2.quantization import Quantizer, available_quantizers, registry
+from tests.quant_helpers import ExactSTE
 
 
 # ---- test-only methods, registered for one test at a time via monkeypatch ------------------
-class _Exact(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, q):
-        return q.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
 
 
 class TUniform(Quantizer):
@@ -43,14 +36,14 @@ class TUniform(Quantizer):
         hi = x.detach().abs().max().clamp_min(1e-8)
         n = 2 ** self.bits - 1
         q = torch.round((x.detach() + hi) / (2 * hi / n)).clamp(0, n) * (2 * hi / n) - hi
-        return _Exact.apply(x, q)
+        return ExactSTE.apply(x, q)
 
 
 class TBinary(Quantizer):
     allowed_bits = (1,)
 
     def quantize(self, x):
-        return _Exact.apply(x, torch.where(x >= 0, 1.0, -1.0))
+        return ExactSTE.apply(x, torch.where(x >= 0, 1.0, -1.0))
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from aqd_d2.export import (
 )
 from aqd_d2.layers import QConv2d, QLinear
 from aqd_d2.quantization import Quantizer, available_quantizers, build_quantizer
+from tests.quant_helpers import ExactSTE
 
 
 # ---- bit packing -----------------------------------------------------------------------------
@@ -53,14 +54,6 @@ def test_packing_errors():
 
 
 # ---- models ----------------------------------------------------------------------------------
-class _Exact(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, q):
-        return q.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
 
 
 class TUniform(Quantizer):
@@ -76,7 +69,7 @@ class TUniform(Quantizer):
         return codes.to(torch.uint8), step, -hi
 
     def quantize(self, x):
-        return _Exact.apply(x, self.decode(*self.encode(x)))
+        return ExactSTE.apply(x, self.decode(*self.encode(x)))
 
 
 def tiny_net(make_w, make_a, seed):

@@ -9,19 +9,10 @@ from detectron2.layers import Conv2d
 
 from aqd_d2.layers import QConv2d
 from aqd_d2.quantization import Quantizer
+from tests.quant_helpers import ExactSTE
 
 
 # ---- test-only quantizers (not registered: the layer takes instances) ------------------------
-class _Exact(torch.autograd.Function):
-    """Forward returns ``q`` exactly, backward is the identity w.r.t. ``x`` (an STE)."""
-
-    @staticmethod
-    def forward(ctx, x, q):
-        return q.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
 
 
 class UniformMaxAbs(Quantizer):
@@ -41,7 +32,7 @@ class UniformMaxAbs(Quantizer):
         return codes.to(torch.uint8), step, offset
 
     def quantize(self, x):
-        return _Exact.apply(x, self.decode(*self.encode(x)))
+        return ExactSTE.apply(x, self.decode(*self.encode(x)))
 
 
 class Sign(Quantizer):
@@ -62,7 +53,7 @@ class Sign(Quantizer):
         return codes, torch.tensor(2.0), torch.tensor(-1.0)
 
     def quantize(self, x):
-        return _Exact.apply(x, self.decode(*self.encode(x)))
+        return ExactSTE.apply(x, self.decode(*self.encode(x)))
 
 
 # ---- tests -------------------------------------------------------------------------------------

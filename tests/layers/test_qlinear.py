@@ -8,16 +8,7 @@ import aqd_d2  # noqa: F401
 
 from aqd_d2.layers import QLinear
 from aqd_d2.quantization import Quantizer
-
-
-class _Exact(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, q):
-        return q.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
+from tests.quant_helpers import ExactSTE
 
 
 class UniformMaxAbs(Quantizer):
@@ -32,7 +23,7 @@ class UniformMaxAbs(Quantizer):
         return codes.to(torch.uint8), step, -hi
 
     def quantize(self, x):
-        return _Exact.apply(x, self.decode(*self.encode(x)))
+        return ExactSTE.apply(x, self.decode(*self.encode(x)))
 
 
 class Sign(Quantizer):
@@ -43,7 +34,7 @@ class Sign(Quantizer):
         self.scale_activations = scale_activations
 
     def quantize(self, x):
-        return _Exact.apply(x, torch.where(x >= 0, 1.0, -1.0))
+        return ExactSTE.apply(x, torch.where(x >= 0, 1.0, -1.0))
 
 
 def test_float_equivalence_and_shared_params():
