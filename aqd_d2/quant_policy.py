@@ -27,7 +27,7 @@ __all__ = ["QuantPolicy", "LayerPrecision", "Override", "FLOAT_BITS", "BINARY_ME
 FLOAT_BITS = 32
 #: methods that only exist at 1 bit
 BINARY_METHODS = frozenset({"bnn", "xnor", "bwn", "bireal"})
-#: defaults, identical to those of config.py (a test checks it)
+#: defaults, identical to those of aqd_d2/config/quant.py (a test checks it)
 DEFAULT_SCOPE = ("backbone", "fpn", "head")
 DEFAULT_COMPONENT_PREFIXES = (
     ("backbone", "backbone.bottom_up."), ("fpn", "backbone.fpn_lateral"),
@@ -120,7 +120,7 @@ def _accepts(method: str, kwarg: str) -> bool:
 
 @dataclass
 class QuantPolicy:
-    """The precision policy, one field per ``MODEL.QUANT`` key (see config.py for each).
+    """The precision policy, one field per ``MODEL.QUANT`` key (see aqd_d2/config/quant.py for each).
 
     Construction validates values that do not need the model (bits, method names, binary
     methods at 1 bit, regexes); :func:`quantize_model` checks what needs it.

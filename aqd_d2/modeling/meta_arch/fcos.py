@@ -2,7 +2,7 @@
 
 detectron2 0.6 ships ``FCOS`` / ``FCOSHead`` only as keyword-only classes for LazyConfig, with
 fixed choices. This subclass adds ``@configurable`` + ``from_config`` and the FCOS paper's
-options as config keys (see :func:`aqd_d2.config._add_detector_config`):
+options as config keys (see :func:`aqd_d2.config.detectors`):
 
 * per-level size ranges ``MODEL.FCOS.SIZES_OF_INTEREST`` (paper sec. 3.2: level i regresses
   locations with ``m_{i-1} <= max(l*, t*, r*, b*) <= m_i``; detectron2 hard-codes 4x..8x the
