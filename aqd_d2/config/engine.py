@@ -13,11 +13,23 @@ def add_config(cfg: CN) -> None:
     # Evaluator for the test datasets: "auto" picks it from the dataset's metadata
     # evaluator_type ("coco" -> COCOEvaluator, "pascal_voc" -> PascalVOCDetectionEvaluator).
     _C.AQD.EVALUATOR = "auto"
+    # Training loop (aqd_d2.engine.train_loop.TRAIN_LOOP_REGISTRY, class names): "AQDTrainLoop" is detectron2's
+    # SimpleTrainer step; detectors with extra optimisers (AutoBiDet's GAN) register their own.
+    # AMP (SOLVER.AMP.ENABLED) is not combined with these loops.
+    _C.AQD.TRAIN_LOOP = "AQDTrainLoop"
+    # Training dataset mapper (aqd_d2.data.mappers.TRAIN_MAPPER_REGISTRY): "DatasetMapper" is
+    # detectron2's; SSD registers its augmentation mapper.
+    _C.INPUT.TRAIN_MAPPER = "DatasetMapper"
 
 
 def validate(cfg: CN) -> None:
     """Check AQD.EVALUATOR and MODEL.DEVICE."""
     check_choice(cfg, "AQD.EVALUATOR", {"auto", "coco", "pascal_voc", "none"})
+    from ..data.mappers import TRAIN_MAPPER_REGISTRY
+    from ..engine.train_loop import TRAIN_LOOP_REGISTRY
+
+    check_choice(cfg, "AQD.TRAIN_LOOP", [k for k, _ in TRAIN_LOOP_REGISTRY])
+    check_choice(cfg, "INPUT.TRAIN_MAPPER", [k for k, _ in TRAIN_MAPPER_REGISTRY])
     _validate_device(cfg)
 
 

@@ -9,6 +9,7 @@ only NumPy and Pillow; they are imported on first access to their names here, so
 """
 import importlib
 
+from .mappers import TRAIN_MAPPER_REGISTRY, build_aqd_train_loader, build_train_mapper
 from .register import (
     FAMILIES,
     SyntheticFamily,
@@ -33,7 +34,8 @@ _LAZY = {
 __all__ = [
     "CLASS_NAMES", "SHAPE_CLASSES", "KITTI_CLASSES", "FAMILIES", "SyntheticFamily",
     "datasets_root", "ensure_generated", "load_synthetic", "register_all",
-    "register_coco_dataset", "register_voc_dataset", *_LAZY,
+    "register_coco_dataset", "register_voc_dataset", "TRAIN_MAPPER_REGISTRY",
+    "build_aqd_train_loader", "build_train_mapper", *_LAZY,
 ]
 
 

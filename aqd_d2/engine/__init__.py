@@ -1,6 +1,8 @@
 """Training: Trainer (DefaultTrainer subclass), hooks, and the CPU multi-process launcher."""
 from .checkpoint import AQDCheckpointer, CheckpointError
 from .launch import launch, launch_cpu
+from .train_loop import TRAIN_LOOP_REGISTRY, AQDTrainLoop, build_train_loop
 from .trainer import Trainer, build_evaluator
 
-__all__ = ["AQDCheckpointer", "CheckpointError", "Trainer", "build_evaluator", "launch", "launch_cpu"]
+__all__ = ["AQDCheckpointer", "AQDTrainLoop", "CheckpointError", "TRAIN_LOOP_REGISTRY", "Trainer",
+           "build_evaluator", "build_train_loop", "launch", "launch_cpu"]

@@ -21,8 +21,10 @@ from detectron2.evaluation import (
 )
 
 from .. import compat
+from ..data.mappers import build_aqd_train_loader
 from .checkpoint import AQDCheckpointer
 from .stage_hook import build_aqd_hooks
+from .train_loop import build_train_loop
 
 __all__ = ["Trainer", "build_evaluator"]
 
@@ -69,8 +71,22 @@ class Trainer(DefaultTrainer):
         self.checkpointer = AQDCheckpointer(
             old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
         )
+        # The training loop named by AQD.TRAIN_LOOP replaces SimpleTrainer (same model, data
+        # loader and optimizer objects, so the scheduler and checkpointer stay valid).
+        if self.cfg.SOLVER.AMP.ENABLED and self.cfg.AQD.TRAIN_LOOP != "AQDTrainLoop":
+            raise ValueError(f"SOLVER.AMP.ENABLED cannot be combined with AQD.TRAIN_LOOP = "
+                             f"{self.cfg.AQD.TRAIN_LOOP!r}")
+        if not self.cfg.SOLVER.AMP.ENABLED:
+            t = self._trainer
+            self._trainer = build_train_loop(self.cfg, t.model, t.data_loader, t.optimizer,
+                                             data_iter=t._data_loader_iter)
         # aqd_d2's hooks (stage-wise binarization, ...) run before detectron2's defaults.
         return build_aqd_hooks(self.cfg, self) + super().build_hooks()
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's train loader with the mapper named by ``INPUT.TRAIN_MAPPER``."""
+        return build_aqd_train_loader(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
