@@ -49,8 +49,9 @@ def add_config(cfg: CN) -> None:
     _C.AQD.PRUNING.LAYERS = [r"^backbone\.(bottom_up\.)?"]
     # Regexes over module names excluded from LAYERS (e.g. the stem, shortcut convs).
     _C.AQD.PRUNING.EXCLUDE = []
-    # SFP: iterations between two pruning steps (one "epoch" of the paper; 0 = once per
-    # SOLVER.CHECKPOINT_PERIOD). SFP also prunes before the first step and after the last.
+    # SFP: iterations between two pruning steps (the paper prunes once per epoch; 0 = one
+    # epoch of DATASETS.TRAIN, ceil(#images / SOLVER.IMS_PER_BATCH)). SFP also prunes before
+    # the first step (at START_ITER) and after the last one (the final compact model).
     _C.AQD.PRUNING.INTERVAL = 0
     # First iteration at which pruning is applied (PFEC: the one pruning step; SFP: the first).
     _C.AQD.PRUNING.START_ITER = 0
@@ -107,10 +108,6 @@ def validate(cfg: CN) -> None:
     _check_regexes(cfg, "AQD.PRUNING.EXCLUDE")
     check_range(cfg, "AQD.PRUNING.INTERVAL", 0)
     check_range(cfg, "AQD.PRUNING.START_ITER", 0)
-    if cfg.AQD.PRUNING.METHOD == "sfp" and int(cfg.AQD.PRUNING.INTERVAL) == 0 \
-            and int(cfg.SOLVER.CHECKPOINT_PERIOD) <= 0:
-        raise ConfigError("AQD.PRUNING.INTERVAL = 0 takes SOLVER.CHECKPOINT_PERIOD as the SFP "
-                          "interval, which is not positive; set AQD.PRUNING.INTERVAL > 0")
 
     check_choice(cfg, "MODEL.SHUFFLENETV2.WIDTH_MULT", set(SHUFFLENETV2_CHANNELS))
     feats = list(cfg.MODEL.SHUFFLENETV2.OUT_FEATURES)

@@ -21,6 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from aqd_d2.convert import set_quantization_enabled
 
+from .pruning import build_pruning_hook  # SFP / PFEC filter pruning (AQD.PRUNING)
+
 __all__ = ["StageBinarizationHook", "build_aqd_hooks", "apply_stage_state"]
 
 logger = logging.getLogger(__name__)
@@ -72,4 +74,5 @@ def build_aqd_hooks(cfg, trainer) -> List[HookBase]:
     s = cfg.AQD.STAGE_BINARIZATION
     if len(s.GROUPS):
         hooks.append(StageBinarizationHook(s.GROUPS, s.ITERS))
+    hooks += [h for h in [build_pruning_hook(cfg)] if h is not None]
     return hooks

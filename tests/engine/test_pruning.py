@@ -1,0 +1,237 @@
+"""SFP / PFEC filter pruning hooks (aqd_d2.engine.pruning): norms and counts against hand
+values, pruning at the right iterations with detectron2's own SimpleTrainer, SFP regrowth,
+the permanent PFEC mask, and the state through checkpoint / resume."""
+import torch
+from detectron2.config import get_cfg
+from detectron2.engine import HookBase, SimpleTrainer
+from detectron2.layers import Conv2d
+from torch import nn
+
+import aqd_d2
+from aqd_d2.config import ConfigError
+from aqd_d2.engine.pruning import (
+    FilterPruningHook,
+    apply_filter_masks,
+    build_pruning_hook,
+    filter_norms,
+    lowest_norm_mask,
+    num_pruned_filters,
+)
+from aqd_d2.engine.stage_hook import build_aqd_hooks
+
+import pytest
+
+
+def test_filter_norms_hand_values():
+    w = torch.tensor([[3.0, 4.0], [1.0, 0.0], [-2.0, 2.0]]).view(3, 1, 1, 2)
+    assert torch.allclose(filter_norms(w, 2), torch.tensor([5.0, 1.0, 8 ** 0.5]))  # SFP eq. 2
+    assert torch.allclose(filter_norms(w, 1), torch.tensor([7.0, 1.0, 4.0]))  # PFEC s_j
+
+
+def test_num_pruned_filters_both_readings():
+    assert num_pruned_filters(64, 0.7) == 44           # floor(64 * 0.7)
+    assert num_pruned_filters(64, 0.3) == 19           # floor(19.2)
+    assert num_pruned_filters(10, 0.3) == 3            # 0.3 * 10 is 3 despite float error
+    assert num_pruned_filters(64, 0.7, "kept") == 19   # SFP code: --rate 0.7 keeps 70%
+    assert num_pruned_filters(1, 0.9) == 0             # never the last filter
+
+
+def test_l1_and_l2_rank_differently():
+    # filter 0 = [3, 0]: L1 3, L2 3;  filter 1 = [2, 2]: L1 4, L2 2.83;  filter 2 = [5, 5]
+    w = torch.tensor([[3.0, 0.0], [2.0, 2.0], [5.0, 5.0]]).view(3, 1, 1, 2)
+    assert lowest_norm_mask(w, 1, 2).tolist() == [True, False, True]   # SFP prunes filter 1
+    assert lowest_norm_mask(w, 1, 1).tolist() == [False, True, True]   # PFEC prunes filter 0
+
+
+def test_masks_zero_conv_bias_and_norm_so_channel_outputs_zero():
+    conv = Conv2d(2, 4, 3, padding=1, bias=True, norm=nn.BatchNorm2d(4), activation=nn.ReLU())
+    model = nn.Module()
+    model.backbone = conv
+    with torch.no_grad():
+        conv.norm.running_mean.fill_(0.3)
+        conv.norm.bias.fill_(0.5)
+    keep = torch.tensor([True, False, True, False])
+    apply_filter_masks(model, {"backbone": keep})
+    conv.eval()
+    y = conv(torch.randn(2, 2, 5, 5))
+    assert torch.all(y[:, [1, 3]] == 0) and torch.any(y[:, [0, 2]] != 0)
+
+
+# ---- the hook on detectron2's SimpleTrainer ----------------------------------------------------
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(2, 10, 1), nn.Conv2d(10, 6, 1))
+        self.head = nn.Conv2d(6, 1, 1)
+
+    def forward(self, batch):
+        x, t = batch
+        return {"loss": ((self.head(self.backbone(x)) - t) ** 2).mean()}
+
+
+def _loader():
+    g = torch.Generator().manual_seed(0)
+    while True:
+        yield torch.randn(4, 2, 3, 3, generator=g), torch.randn(4, 1, 3, 3, generator=g)
+
+
+class _Record(HookBase):
+    """Records per completed iteration the backbone weights (after the hooks before it)."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def before_train(self):
+        self.weights[self.trainer.iter] = self._snap()
+
+    def after_step(self):
+        self.weights[self.trainer.iter + 1] = self._snap()
+
+    def _snap(self):
+        return [m.weight.detach().clone() for m in self.trainer.model.backbone]
+
+
+def _run(hook, max_iter, start=0, model=None, state=None):
+    torch.manual_seed(0)
+    model = model or _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    trainer = SimpleTrainer(model, _loader(), opt)
+    pre, post = _Record(), _Record()
+    trainer.register_hooks([pre, hook, post])
+    if state is not None:
+        trainer.load_state_dict(state)
+    trainer.train(start, max_iter)
+    return trainer, pre, post
+
+
+def _zero_rows(w):
+    return (w.flatten(1).abs().sum(1) == 0).tolist()
+
+
+def test_sfp_prunes_lowest_l2_filters_at_interval_and_lets_them_regrow():
+    hook = FilterPruningHook("sfp", 0.3, [r"^backbone\."], p=2, interval=3)
+    trainer, pre, post = _run(hook, max_iter=8)
+    pruning_iters = {0, 3, 6, 8}  # before training, every 3 completed iterations, the end
+    for k in range(9):
+        for w_pre, w_post in zip(pre.weights[k], post.weights[k]):
+            zero = _zero_rows(w_post)
+            if k in pruning_iters:
+                expected = (~lowest_norm_mask(w_pre, num_pruned_filters(w_pre.shape[0], 0.3), 2)).tolist()
+                assert zero == expected, k
+                assert sum(zero) == int(w_pre.shape[0] * 0.3)
+            else:
+                assert not any(zero), k  # the zeroed filters were updated: they regrow
+    assert hook.last_prune_iter == 8
+    sd = trainer.state_dict()["hooks"]["FilterPruningHook"]
+    assert sd["last_prune_iter"] == 8 and set(sd["masks"]) == {"backbone.0", "backbone.1"}
+
+
+def test_sfp_start_iter_delays_pruning():
+    hook = FilterPruningHook("sfp", 0.5, [r"^backbone\.0$"], p=2, interval=2, start_iter=3)
+    _, _, post = _run(hook, max_iter=6)
+    assert [any(_zero_rows(post.weights[k][0])) for k in range(7)] == \
+        [False, False, False, True, False, True, True]
+
+
+def test_pfec_ranks_by_l1_once_and_mask_persists():
+    hook = FilterPruningHook("pfec", 0.3, [r"^backbone\."], p=1)
+    _, pre, post = _run(hook, max_iter=5)
+    masks = {n: (~lowest_norm_mask(w, num_pruned_filters(w.shape[0], 0.3), 1)).tolist()
+             for n, w in zip(["backbone.0", "backbone.1"], pre.weights[0])}
+    assert hook.last_prune_iter == 0
+    for k in range(6):
+        for name, w in zip(["backbone.0", "backbone.1"], post.weights[k]):
+            assert _zero_rows(w) == masks[name], (k, name)
+    assert sum(masks["backbone.0"]) == 3 and sum(masks["backbone.1"]) == 1
+
+
+def test_state_survives_trainer_checkpoint_and_resume():
+    hook = FilterPruningHook("pfec", 0.3, [r"^backbone\."], p=1)
+    trainer, _, _ = _run(hook, max_iter=3)
+    state = trainer.state_dict()
+    saved = {k: v.clone() for k, v in hook.masks.items()}
+    # a new run: fresh (unpruned) model carrying the checkpointed weights, new hook
+    model = _Net()
+    model.load_state_dict(trainer.model.state_dict())
+    hook2 = FilterPruningHook("pfec", 0.3, [r"^backbone\."], p=1)
+    _, _, post = _run(hook2, max_iter=6, start=3, model=model, state=state)
+    assert hook2.last_prune_iter == 0  # not pruned again: the checkpointed mask is kept
+    assert all(torch.equal(saved[k], hook2.masks[k]) for k in saved)
+    for k in range(3, 7):
+        assert _zero_rows(post.weights[k][0]) == (~saved["backbone.0"]).tolist()
+
+
+class _Checkpoint(HookBase):
+    """Keeps trainer + model state after ``at`` completed iterations (as PeriodicCheckpointer)."""
+
+    def __init__(self, at):
+        self.at, self.saved = at, None
+
+    def after_step(self):
+        if self.trainer.iter + 1 == self.at:
+            self.saved = (self.trainer.state_dict(),
+                          {k: v.clone() for k, v in self.trainer.model.state_dict().items()})
+
+
+def test_sfp_resume_keeps_regrown_filters_until_next_step():
+    hook = FilterPruningHook("sfp", 0.3, [r"^backbone\."], p=2, interval=4)
+    ckpt = _Checkpoint(at=2)
+    torch.manual_seed(0)
+    model = _Net()
+    trainer = SimpleTrainer(model, _loader(), torch.optim.SGD(model.parameters(), lr=0.05))
+    trainer.register_hooks([hook, ckpt])
+    trainer.train(0, 8)  # the run that "crashed": its state after 2 iterations is resumed
+    state, weights = ckpt.saved
+    assert state["hooks"]["FilterPruningHook"]["last_prune_iter"] == 0
+    model = _Net()
+    model.load_state_dict(weights)
+    hook2 = FilterPruningHook("sfp", 0.3, [r"^backbone\."], p=2, interval=4)
+    _, pre, post = _run(hook2, max_iter=5, start=2, model=model, state=state)
+    assert not any(_zero_rows(post.weights[2][0]))          # resumed: regrown filters kept
+    assert not any(_zero_rows(post.weights[3][0]))
+    assert any(_zero_rows(post.weights[4][0]))              # the next SFP step (4 = 0 + 4)
+    assert hook2.last_prune_iter == 5                       # and the final one
+
+
+# ---- config ------------------------------------------------------------------------------------
+def _cfg(*opts):
+    cfg = aqd_d2.add_aqd_config(get_cfg())
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
+    return cfg
+
+
+def test_config_builds_the_hook():
+    cfg = _cfg("AQD.PRUNING.METHOD", "sfp", "AQD.PRUNING.RATE", "0.7", "AQD.PRUNING.INTERVAL", "5")
+    aqd_d2.config.validate_aqd_config(cfg)
+    hooks = build_aqd_hooks(cfg, None)
+    assert len(hooks) == 1 and hooks[0].p == 2 and hooks[0].interval == 5 and hooks[0].rate == 0.7
+    pfec = build_pruning_hook(_cfg("AQD.PRUNING.METHOD", "pfec"))
+    assert pfec.p == 1 and pfec.method == "pfec"
+    assert build_pruning_hook(_cfg()) is None
+
+
+def test_sfp_default_interval_is_one_epoch():
+    cfg = _cfg("AQD.PRUNING.METHOD", "sfp", "DATASETS.TRAIN", "('aqd_shapes_tiny_train',)",
+               "SOLVER.IMS_PER_BATCH", "3")
+    from detectron2.data import DatasetCatalog
+
+    n = len(DatasetCatalog.get("aqd_shapes_tiny_train"))
+    assert build_pruning_hook(cfg).interval == -(-n // 3)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("AQD.PRUNING.METHOD", "l1", "'pfec'"),
+    ("AQD.PRUNING.RATE", "1.0", "AQD.PRUNING.RATE"),
+    ("AQD.PRUNING.NORM", "l3", "'l2'"),
+    ("AQD.PRUNING.LAYERS", "['(']", "AQD.PRUNING.LAYERS"),
+    ("AQD.PRUNING.RATE_MEANS", "left", "'kept'"),
+])
+def test_bad_values_name_key_and_choices(key, value, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        aqd_d2.config.validate_aqd_config(_cfg(key, value))
+
+
+def test_layers_matching_nothing_fail_clearly():
+    hook = FilterPruningHook("sfp", 0.3, [r"^nothing"], interval=1)
+    with pytest.raises(ValueError, match="AQD.PRUNING.LAYERS"):
+        hook.prune(_Net(), 0)
