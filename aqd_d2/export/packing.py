@@ -7,10 +7,13 @@ stream position ``8*b + j`` (little-endian bit order), and zero-padded to a whol
 the packed size is ``ceil(n*k/8)`` bytes. Unpacking needs ``k`` and ``n`` and is the exact
 inverse.
 
-Packed checkpoint (:func:`save_packed` / :func:`load_packed`). A ``torch.save`` file holding
-a dict (read back with ``weights_only=True``, so loading runs no pickled code)::
+Packed checkpoint (:func:`save_packed` / :func:`load_packed`). Version 2 (written by default)
+is a single-blob file (:mod:`.container`: magic, one compressed JSON header, one contiguous
+byte buffer, sizes and CRC-32s checked on reading); version 1 (still read, and written with
+``save_packed(..., version=1)``) is a ``torch.save`` file read back with
+``weights_only=True``. Both hold the same dict (loading runs no pickled code)::
 
-    {"format": "aqd_d2.packed_checkpoint", "version": 1,
+    {"format": "aqd_d2.packed_checkpoint", "version": 1 or 2,
      "shapes":  {state_dict key: shape}                 # architecture fingerprint, every key
      "tensors": {state_dict key: tensor}                # everything not packed, as is
      "packed":  {layer name: {"data": uint8 packed codes, "bits", "numel", "shape",
@@ -44,6 +47,8 @@ from torch import nn
 
 from aqd_d2.layers import QuantLayerMixin
 
+from .container import ContainerError, is_container, read_container, write_container
+
 __all__ = [
     "pack_bits", "unpack_bits", "save_packed", "load_packed", "packed_size_report",
     "PackedSizeReport", "PackedCheckpointError", "FORMAT", "VERSION",
@@ -52,7 +57,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FORMAT = "aqd_d2.packed_checkpoint"
-VERSION = 1
+VERSION = 2  # the version save_packed writes; VERSIONS are read
+VERSIONS = (1, 2)
 
 
 class PackedCheckpointError(RuntimeError):
@@ -184,7 +190,7 @@ def packed_size_report(model: nn.Module) -> PackedSizeReport:
 
 # ---- checkpoint writer / reader ----------------------------------------------------------------
 @torch.no_grad()
-def save_packed(model: nn.Module, path: str) -> PackedSizeReport:
+def save_packed(model: nn.Module, path: str, version: int = VERSION) -> PackedSizeReport:
     """Write ``model`` as a packed checkpoint (format in the module docstring), atomically.
 
     The file is written to a temporary file in the same directory and moved over ``path``
@@ -195,9 +201,12 @@ def save_packed(model: nn.Module, path: str) -> PackedSizeReport:
     Args:
         model: a converted model (float layers are stored as they are).
         path: destination file.
+        version: file format, 2 (single blob, default) or 1 (``torch.save`` dict).
     Returns:
         the :class:`PackedSizeReport` of what was written.
     """
+    if version not in VERSIONS:
+        raise ValueError(f"packed checkpoint version must be one of {VERSIONS}, got {version!r}")
     state = model.state_dict()
     tensors: Dict[str, torch.Tensor] = {k: v.detach().cpu() for k, v in state.items()}
     packed: Dict[str, Dict[str, Any]] = {}
@@ -218,13 +227,16 @@ def save_packed(model: nn.Module, path: str) -> PackedSizeReport:
         }
         del tensors[f"{name}.weight"]
         tensors[f"{name}.weight_quantizer.enabled"] = torch.tensor(False)
-    blob = {"format": FORMAT, "version": VERSION, "packed": packed, "tensors": tensors,
+    blob = {"format": FORMAT, "version": version, "packed": packed, "tensors": tensors,
             "shapes": {k: list(v.shape) for k, v in state.items()}}
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".packed-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
+            if version == 1:
+                torch.save(blob, f)
+            else:
+                write_container(f, blob)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -236,20 +248,30 @@ def save_packed(model: nn.Module, path: str) -> PackedSizeReport:
 
 
 def _read(path: str) -> Dict[str, Any]:
+    """The checkpoint dict of a version 1 or 2 file (PackedCheckpointError naming ``path``
+    for anything else)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(path)
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged or foreign file can fail in many ways inside torch.load
-        raise PackedCheckpointError(
-            f"{path}: cannot be read as a packed checkpoint (truncated or not a torch file): "
-            f"{type(e).__name__}: {e}"
-        ) from None
+    if is_container(path):
+        try:
+            blob = read_container(path)
+        except ContainerError as e:
+            raise PackedCheckpointError(str(e)) from None
+        container = True
+    else:
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged or foreign file can fail in many ways inside torch.load
+            raise PackedCheckpointError(
+                f"{path}: cannot be read as a packed checkpoint (truncated, or neither an aqd_d2 "
+                f"container nor a torch file): {type(e).__name__}: {e}"
+            ) from None
+        container = False
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise PackedCheckpointError(f"{path}: not an aqd_d2 packed checkpoint (no format {FORMAT!r})")
-    if blob.get("version") != VERSION:
+    if blob.get("version") != (VERSION if container else 1):
         raise PackedCheckpointError(f"{path}: packed checkpoint version {blob.get('version')!r}; "
-                                    f"this aqd_d2 reads version {VERSION}")
+                                    f"this aqd_d2 reads versions {VERSIONS}")
     for key in ("packed", "tensors", "shapes"):
         if not isinstance(blob.get(key), dict):
             raise PackedCheckpointError(f"{path}: packed checkpoint lacks its {key!r} section")

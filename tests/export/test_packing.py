@@ -151,12 +151,18 @@ def test_bad_files(tmp_path):
 
     truncated = tmp_path / "truncated.packed"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(PackedCheckpointError, match="truncated or not a torch file"):
+    with pytest.raises(PackedCheckpointError, match="truncated.packed: file is truncated"):
         load_packed(tiny_net(make_w, make_a, 1), str(truncated))
+
+    old = tmp_path / "v1.packed"  # version 1 (torch.save) files: truncated ones fail too
+    save_packed(model, str(old), version=1)
+    old.write_bytes(old.read_bytes()[: old.stat().st_size // 2])
+    with pytest.raises(PackedCheckpointError, match="v1.packed: cannot be read.*truncated"):
+        load_packed(tiny_net(make_w, make_a, 1), str(old))
 
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(PackedCheckpointError, match="truncated or not a torch file"):
+    with pytest.raises(PackedCheckpointError, match="garbage.bin: cannot be read.*neither"):
         load_packed(tiny_net(make_w, make_a, 1), str(garbage))
 
     foreign = tmp_path / "foreign.pth"
@@ -168,3 +174,64 @@ def test_bad_files(tmp_path):
     wider[2] = QConv2d(8, 7, 1, weight_quantizer=make_w(), input_quantizer=make_a())
     with pytest.raises(PackedCheckpointError, match="different architecture.*2.weight"):
         load_packed(wider, str(good))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_both_versions_load_exactly(tmp_path, version):
+    make_w, make_a = QUANTIZERS["test-uniform-3"]
+    model = tiny_net(make_w, make_a, seed=0)
+    x = torch.randn(2, 3, 16, 16)
+    model.train()
+    model(x)
+    model.eval()
+    path = str(tmp_path / f"v{version}.packed")
+    save_packed(model, path, version=version)
+    other = tiny_net(make_w, make_a, seed=1).eval()
+    names = load_packed(other, path)
+    with torch.no_grad():
+        assert torch.equal(other(x), model(x))
+        for name in names:  # decoded weight == the fake-quantized weight, bit for bit
+            layer = dict(model.named_modules())[name]
+            assert torch.equal(dict(other.named_modules())[name].weight, layer.weight_quantizer(layer.weight))
+    skip = {f"{n}.weight" for n in names} | {f"{n}.weight_quantizer.enabled" for n in names}
+    for k, v in model.state_dict().items():  # everything else exactly as saved
+        if k not in skip:
+            assert torch.equal(other.state_dict()[k], v), k
+
+
+def test_version_2_is_smaller_than_version_1(tmp_path):
+    make_w, make_a = QUANTIZERS["test-uniform-3"]
+    model = tiny_net(make_w, make_a, seed=0)
+    save_packed(model, str(tmp_path / "a"), version=1)
+    report = save_packed(model, str(tmp_path / "b"), version=2)
+    v1, v2 = (tmp_path / "a").stat().st_size, (tmp_path / "b").stat().st_size
+    assert v2 < v1
+    # payload + 32-byte prefix + compressed header (a few hundred bytes for this net)
+    assert report.packed_bytes + 32 < v2 < report.packed_bytes + 32 + 2048
+    with pytest.raises(ValueError, match=r"version must be one of \(1, 2\)"):
+        save_packed(model, str(tmp_path / "c"), version=3)
+
+
+def test_unknown_version_and_corruption(tmp_path):
+    make_w, make_a = QUANTIZERS["test-uniform-3"]
+    model = tiny_net(make_w, make_a, seed=0)
+    good = tmp_path / "good.packed"
+    save_packed(model, str(good))
+    data = bytearray(good.read_bytes())
+
+    future = tmp_path / "future.packed"
+    future.write_bytes(bytes(data[:8]) + (7).to_bytes(4, "little") + bytes(data[12:]))
+    with pytest.raises(PackedCheckpointError, match="future.packed: packed container version 7"):
+        load_packed(tiny_net(make_w, make_a, 1), str(future))
+
+    flipped = bytearray(data)
+    flipped[-3] ^= 0x10
+    bad = tmp_path / "flipped.packed"
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(PackedCheckpointError, match="flipped.packed: checksum mismatch"):
+        load_packed(tiny_net(make_w, make_a, 1), str(bad))
+
+    longer = tmp_path / "longer.packed"
+    longer.write_bytes(bytes(data) + b"\0")
+    with pytest.raises(PackedCheckpointError, match="longer.packed: file has trailing bytes"):
+        load_packed(tiny_net(make_w, make_a, 1), str(longer))
