@@ -21,6 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from aqd_d2.convert import set_quantization_enabled
 
+from .gan_loop import build_loop_state_hooks  # noqa: E402
+
 from .pruning import build_pruning_hook  # SFP / PFEC filter pruning (AQD.PRUNING)
 
 __all__ = ["StageBinarizationHook", "build_aqd_hooks", "apply_stage_state"]
@@ -74,5 +76,6 @@ def build_aqd_hooks(cfg, trainer) -> List[HookBase]:
     s = cfg.AQD.STAGE_BINARIZATION
     if len(s.GROUPS):
         hooks.append(StageBinarizationHook(s.GROUPS, s.ITERS))
+    hooks += build_loop_state_hooks(cfg)  # the GAN loop's optimizers (aqd_d2.engine.gan_loop)
     hooks += [h for h in [build_pruning_hook(cfg)] if h is not None]
     return hooks
