@@ -149,3 +149,53 @@ def test_config_keys_validated():
     cfg.AQD.NONFINITE.MAX_SKIPS = -1
     with pytest.raises(ConfigError, match="AQD.NONFINITE.MAX_SKIPS"):
         validate_aqd_config(cfg)
+
+
+def _ddp_worker(policy, out_dir):
+    """Each of 2 gloo ranks: DDP toy model, rank 1's loss is NaN at iteration 1 only."""
+    import os
+
+    from detectron2.utils import comm
+    from detectron2.utils.events import EventStorage
+    from torch.nn.parallel import DistributedDataParallel
+
+    from aqd_d2.engine.train_loop import AQDTrainLoop, NonFiniteLossError
+
+    rank = comm.get_rank()
+    torch.manual_seed(0)
+    model = DistributedDataParallel(_ToyModel(), device_ids=None)
+    data = iter([(torch.full((3,), 1.0 + rank), rank == 1 and it == 1) for it in range(3)])
+    loop = AQDTrainLoop(_cfg(policy), model, data, torch.optim.SGD(model.parameters(), lr=0.1))
+    result = {"error": None}
+    with EventStorage(0):
+        try:
+            for it in range(3):
+                loop.iter = it
+                loop.run_step()
+        except NonFiniteLossError as e:
+            result["error"] = str(e)
+    result.update(w=model.module.w.detach().clone(), skipped=loop.skipped_iters,
+                  last=loop.last_skipped_iter)
+    torch.save(result, os.path.join(out_dir, f"{policy}{rank}.pth"))
+
+
+def test_ddp_ranks_take_the_same_decision(tmp_path):
+    from aqd_d2.engine import launch_cpu
+
+    for policy in ("skip", "raise"):
+        launch_cpu(_ddp_worker, num_processes=2, args=(policy, str(tmp_path)))
+        r0, r1 = (torch.load(tmp_path / f"{policy}{r}.pth") for r in (0, 1))
+        if policy == "skip":
+            # both ranks skipped iteration 1 (only rank 1 saw the NaN) and stayed identical:
+            # 2 averaged SGD steps, grad = mean_r(x_r) + 2w = 1.5 + 2w
+            assert r0["error"] is None and r1["error"] is None
+            assert r0["skipped"] == r1["skipped"] == 1 and r0["last"] == r1["last"] == 1
+            w = torch.ones(3)
+            for _ in range(2):
+                w = w - 0.1 * (1.5 + 2 * w)
+            assert torch.equal(r0["w"], r1["w"]) and torch.allclose(r0["w"], w)
+        else:
+            # both ranks stop at iteration 1; rank 0's message names rank 1's term
+            for r in (r0, r1):
+                assert "iteration 1" in r["error"] and "rank 1: ['loss_b']" in r["error"]
+            assert torch.equal(r0["w"], r1["w"])
