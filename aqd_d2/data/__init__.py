@@ -10,6 +10,7 @@ only NumPy and Pillow; they are imported on first access to their names here, so
 import importlib
 
 from .mappers import TRAIN_MAPPER_REGISTRY, build_aqd_train_loader, build_train_mapper
+from . import ssd_mapper  # noqa: F401,E402  (registers "SSDMapper" in TRAIN_MAPPER_REGISTRY)
 from .register import (
     FAMILIES,
     SyntheticFamily,
