@@ -16,7 +16,9 @@ and training, or after :func:`load_for_inference` read a packed file):
   why not fbgemm's quantized conv). Any affine weight grid ``w = step * code + offset`` works
   (an extra all-ones weight column gives the receptive-field sum for the offset term). Where
   ``torch._int_mm`` is missing (old torch) or the layer does not qualify, the layer falls back
-  to the frozen fake-quant form (below).
+  to the frozen fake-quant form (below). With ``int8="auto"`` each qualifying layer is timed
+  on the input it receives from ``example_inputs`` against that fallback and keeps the int8
+  path only where it is faster (:mod:`.routing`; small layers can lose to float).
 * **anything else quantized** (binary-weight / float-activation BWN layers, XNOR with its
   activation scale K, 8-bit inputs, grouped convs): stays a ``QConv2d`` / ``QLinear`` whose
   weight is replaced by its fake-quantized value once and whose weight quantizer is disabled
@@ -42,7 +44,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -53,6 +55,7 @@ from aqd_d2.layers import QConv2d, QLinear, QuantLayerMixin
 from .binary_conv import BinaryConv2dInference, binary_conv2d
 from .int8_gemm import Int8ConvInference, int8_gemm_available
 from .packing import _read, load_packed, unpack_bits
+from .routing import measure_speedup, record_layer_inputs
 
 __all__ = [
     "BinaryLinearInference", "Int8ConvInference", "DeployReport", "convert_for_inference",
@@ -277,37 +280,70 @@ def _fold_float_conv(conv: nn.Conv2d) -> bool:
     return True
 
 
+def _route_int8(layer: nn.Module, enc, int8_mod: nn.Module, x: torch.Tensor, fold_bn: bool,
+                min_speedup: float, detail: str):
+    """Keep ``int8_mod`` if it is measured at least ``min_speedup`` times faster than the
+    fallback (the layer with its weight frozen, BN folded) on input ``x`` (:mod:`.routing`)."""
+    fallback = copy.deepcopy(layer).eval()
+    _freeze_weight(fallback, enc)
+    if fold_bn and isinstance(fallback, QConv2d):
+        _fold_float_conv(fallback)
+    speedup = measure_speedup(lambda: int8_mod(x), lambda: fallback(x))
+    if speedup >= min_speedup:
+        return int8_mod, "int8", f"{detail}, measured {speedup:.2f}x"
+    return None, "fake-quant weight frozen", f"int8 measured {speedup:.2f}x < {min_speedup:g}x"
+
+
 @torch.no_grad()
 def convert_for_inference(
     model: nn.Module,
     *,
     fold_bn: bool = True,
-    int8: bool = True,
+    int8: Union[bool, str] = True,
     inplace: bool = False,
     encodings: Optional[Dict[str, Encoding]] = None,
+    example_inputs: Any = None,
+    int8_min_speedup: float = 1.0,
 ) -> Tuple[nn.Module, DeployReport]:
     """Replace quantized layers by real low-bit inference modules (module docstring).
 
     Args:
         model: a (fake-)quantized model, e.g. built from a config and loaded from a checkpoint.
         fold_bn: fold eval-mode BN into the preceding conv (binary, int8 and float convs).
-        int8: run qualifying k-bit layers on the int8 GEMM path (False: frozen fake-quant).
+        int8: ``True``: run every qualifying k-bit layer on the int8 GEMM path; ``False``:
+            frozen fake-quant; ``"auto"``: per layer, whichever is measured faster on the
+            input it receives from ``example_inputs`` (:mod:`.routing`); layers the example
+            does not reach keep the int8 path.
         inplace: convert ``model`` itself (default: a deep copy).
+        example_inputs: what the model is called with, for ``int8="auto"`` (required there).
+        int8_min_speedup: ``int8="auto"`` keeps a layer on int8 when its measured speed-up
+            over the fallback is at least this.
         encodings: ``{layer name: (codes, step, offset)}`` to use instead of encoding the
             layer's weight (what :func:`load_for_inference` passes from a packed file, whose
             layers have their weight quantizers disabled).
     Returns:
         ``(inference model in eval mode, DeployReport)``.
     """
+    if int8 not in (True, False, "auto"):
+        raise ValueError(f"int8 must be True, False or 'auto', got {int8!r}")
+    if int8 == "auto" and example_inputs is None:
+        raise ValueError("int8='auto' measures each layer on the model's own inputs: pass example_inputs")
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
+    layer_inputs: Dict[str, torch.Tensor] = {}
+    if int8 == "auto":
+        layer_inputs = record_layer_inputs(
+            model, example_inputs, [n for n, m in model.named_modules() if isinstance(m, (QConv2d, QLinear))])
     report = DeployReport()
     mapping: Dict[int, nn.Module] = {}
     for name, m in list(model.named_modules()):
         if isinstance(m, (QConv2d, QLinear)):
             enc = _encoding(name, m, encodings)
-            new, kind, detail = _convert_layer(name, m, enc, fold_bn, int8)
+            new, kind, detail = _convert_layer(name, m, enc, fold_bn, bool(int8))
+            if kind == "int8" and name in layer_inputs:
+                new, kind, detail = _route_int8(m, enc, new.eval(), layer_inputs[name], fold_bn,
+                                                int8_min_speedup, detail)
             if new is None:
                 _freeze_weight(m, enc)
                 if fold_bn and isinstance(m, QConv2d) and _fold_float_conv(m):
