@@ -73,10 +73,8 @@ def add_config(cfg: CN) -> None:
     _C.MODEL.VGG.L2NORM_SCALE = 20.0
 
     _C.MODEL.MOBILENET_SSD = CN()
-    # Channel multiplier of MobileNetV1 and its SSD extras.
+    # Channel multiplier of MobileNetV1 and its SSD extras (every conv has BN, as MobileNet).
     _C.MODEL.MOBILENET_SSD.WIDTH_MULT = 1.0
-    # Norm after every conv ("BN" as MobileNet; "" = convs with bias).
-    _C.MODEL.MOBILENET_SSD.NORM = "BN"
     # "relu" (MobileNet) or "none" (binary nets).
     _C.MODEL.MOBILENET_SSD.ACTIVATION = "relu"
 
@@ -168,7 +166,6 @@ def validate(cfg: CN) -> None:
     check_choice(cfg, "MODEL.VGG.DOWNSAMPLE", ["maxpool", "strided_conv"])
     check_range(cfg, "MODEL.VGG.L2NORM_SCALE", 0, lo_open=True)
     check_range(cfg, "MODEL.MOBILENET_SSD.WIDTH_MULT", 0, lo_open=True)
-    check_choice(cfg, "MODEL.MOBILENET_SSD.NORM", ["", "BN", "SyncBN", "naiveSyncBN"])
     check_choice(cfg, "MODEL.MOBILENET_SSD.ACTIVATION", ["relu", "none"])
 
     for key in ("PHOTOMETRIC_PROB", "CHANNEL_SWAP_PROB", "EXPAND_PROB", "FLIP_PROB"):
