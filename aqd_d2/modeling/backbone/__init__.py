@@ -5,3 +5,4 @@ from .darknet import build_darknet19_backbone, build_mobilenet_yolo_backbone  # 
 from .vgg import build_vgg16_ssd_backbone  # noqa: F401,E402  (SSD300 VGG16 + extras)
 from .mobilenet_ssd import build_mobilenet_ssd_backbone  # noqa: F401,E402  (MobileNetV1 SSD)
 from .bireal_resnet import build_bireal_resnet_backbone, build_bireal_resnet_fpn_backbone  # noqa: F401,E402
+from .shufflenetv2 import build_shufflenetv2_backbone  # noqa: F401,E402  ("build_shufflenetv2_backbone")
