@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode as CN
 
-from .checks import ConfigError, check_choice, check_range  # noqa: F401
+from .checks import check_choice
 
 #: MODEL.BIREAL.SHORTCUT choices
 BIREAL_SHORTCUTS = ("every_conv", "every_block")
