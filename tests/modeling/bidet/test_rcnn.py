@@ -3,7 +3,6 @@ only, per-image beta weighting, the variance branch dropped at inference, config
 import pytest
 import torch
 
-import aqd_d2  # noqa: F401
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage
