@@ -3,6 +3,7 @@ negative mining (hand-computed), end-to-end train + inference through the regist
 binary policy (first / last layers float)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -14,7 +15,7 @@ from aqd_d2.config import ConfigError
 from aqd_d2.layers import QConv2d
 from aqd_d2.modeling.backbone.vgg import L2Norm, VGG16SSD
 from aqd_d2.modeling.meta_arch.ssd import SSD
-from tests.test_configs import tiny_batch, train_step
+from tests.test_configs import load_test_config, tiny_batch, train_step
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -204,3 +205,94 @@ def test_binary_policy_keeps_first_and_last_layers_float():
     assert report["head.cls_score.0"].reason.startswith("last layer")
     losses = train_step(cfg, model)
     assert all(math.isfinite(v) for v in losses.values())
+
+
+# ---- backbones and configs ---------------------------------------------------------------
+def test_mobilenet_ssd_feature_map_sizes():
+    from aqd_d2.modeling.backbone.mobilenet_ssd import MOBILENET_SSD_FEATURES, MobileNetV1SSD
+
+    net = MobileNetV1SSD(width_mult=0.25).eval()
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 300, 300))
+    assert list(out) == MOBILENET_SSD_FEATURES
+    assert [o.shape[-1] for o in out.values()] == [19, 10, 5, 3, 2, 1]
+    assert [o.shape[1] for o in out.values()] == [net.output_shape()[f].channels for f in out]
+    assert next(iter(net.named_children()))[0] == "conv1"
+
+
+def test_xnor_config_binarizes_backbone_with_first_and_last_float():
+    cfg = load_test_config("configs/SSD/VGG16-VOC-XNOR.yaml", narrow=True)
+    model = build_model(cfg)
+    bb = model.backbone
+    assert not isinstance(bb.conv1_1, QConv2d)
+    convs = [m for n, m in bb.named_children() if n.startswith(("conv", "fc")) and n != "conv1_1"
+             and n != "conv4_3_norm"]
+    assert len(convs) == 22 and all(isinstance(c, QConv2d) for c in convs)
+    assert all(c.weight_quantizer.bits == 1 and c.input_quantizer.bits == 1 for c in convs)
+    assert isinstance(bb.conv1_2.norm, torch.nn.modules.batchnorm._BatchNorm)  # BN after each conv
+    head = list(model.head.cls_score) + list(model.head.bbox_pred)
+    assert len(head) == 12 and not any(isinstance(c, QConv2d) for c in head)
+
+
+def test_bireal_sc_config_strided_binary_convs_with_float_shortcuts():
+    cfg = load_test_config("configs/SSD/VGG16-VOC-BiReal.yaml", narrow=True)
+    model = build_model(cfg)
+    bb = model.backbone
+    for stage in (2, 3, 4, 5):
+        conv = getattr(bb, f"conv{stage}_1")
+        assert isinstance(conv, QConv2d) and conv.stride == (2, 2)
+        assert not isinstance(getattr(bb, f"conv{stage}_1_shortcut")[1], QConv2d)
+    kinds = {name: sc for kind, name, sc in bb._plan if kind == "conv"}
+    assert kinds["conv3_2"] == "identity" and kinds["fc7"] == "identity"
+    assert [k for k, _, _ in bb._plan].count("pool") == 1  # only pool5 (stride 1) is left
+
+
+# ---- training on the embedded VOC dataset ------------------------------------------------
+def test_short_cpu_run_on_tiny_voc_lowers_the_loss():
+    """SSDMapper batches of the embedded VOC data; a few SGD steps on a fixed batch."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.solver import build_optimizer
+    from detectron2.utils.events import EventStorage
+
+    from aqd_d2.data.mappers import build_train_mapper
+
+    torch.manual_seed(0)
+    cfg = load_test_config("configs/SSD/VGG16-shapes-voc-cpu-FP.yaml", narrow=True,
+                           extra=["SOLVER.BASE_LR", "0.01", "SOLVER.WARMUP_ITERS", "0"])
+    mapper = build_train_mapper(cfg)
+    dicts = DatasetCatalog.get("aqd_shapes_voc_tiny_train")
+    np.random.seed(0)
+    batch = [mapper(d) for d in dicts[:4]]
+    assert all(b["image"].shape == (3, 300, 300) for b in batch)
+    model = build_model(cfg)
+    model.train()
+    opt = build_optimizer(cfg, model)
+    totals = []
+    with EventStorage(0):
+        for _ in range(8):
+            losses = model(batch)
+            total = sum(losses.values())
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+            totals.append(float(total))
+    assert all(math.isfinite(t) for t in totals)
+    assert totals[-1] < 0.8 * totals[0], totals
+
+
+def test_aqd_trainer_runs_the_ssd_mapper_and_evaluates(tmp_path):
+    """aqd_d2's Trainer (DefaultTrainer) with INPUT.TRAIN_MAPPER SSDMapper, then VOC eval."""
+    from aqd_d2.engine import Trainer
+    from tests.conftest import tiny_train_opts
+
+    cfg = load_test_config("configs/SSD/VGG16-shapes-voc-cpu-FP.yaml", narrow=True)
+    opts = tiny_train_opts(tmp_path, max_iter=2)
+    opts[1], opts[3] = "('aqd_shapes_voc_tiny_train',)", "('aqd_shapes_voc_tiny_val',)"
+    cfg.merge_from_list(opts)
+    trainer = Trainer(cfg)
+    assert trainer.data_loader.dataset is not None
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert (tmp_path / "model_final.pth").exists()
+    results = Trainer.test(cfg, trainer.model)
+    assert "bbox" in results and "AP50" in results["bbox"]
