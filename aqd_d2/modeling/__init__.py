@@ -2,4 +2,4 @@
 from . import backbone  # noqa: F401
 from . import meta_arch  # noqa: F401
 from . import distill  # noqa: F401,E402  (registers the "KnowledgeTransfer" meta-architecture)
-from . import bidet  # noqa: F401,E402  (registers "BiDetRCNN" and "BiDetROIHeads")
+from . import bidet  # noqa: F401,E402  (registers "BiDetRCNN", "BiDetSSD", "BiDetROIHeads")
