@@ -49,6 +49,11 @@ def add_config(cfg: CN) -> None:
     _C.AQD.PRUNING.LAYERS = [r"^backbone\.(bottom_up\.)?"]
     # Regexes over module names excluded from LAYERS (e.g. the stem, shortcut convs).
     _C.AQD.PRUNING.EXCLUDE = []
+    # Coupled layers, "regex=>replacement": a pruned layer whose name matches regex passes its
+    # mask to the conv named re.sub(regex, replacement, name) (same output channels), e.g. the
+    # depthwise conv after a pruned 1x1 conv ("(branch_main)\.0$=>\1.1" in ShuffleNetV2), so
+    # the channel is zero all the way to the next dense conv, as if it were removed.
+    _C.AQD.PRUNING.COUPLED = []
     # SFP: iterations between two pruning steps (the paper prunes once per epoch; 0 = one
     # epoch of DATASETS.TRAIN, ceil(#images / SOLVER.IMS_PER_BATCH)). SFP also prunes before
     # the first step (at START_ITER) and after the last one (the final compact model).
@@ -106,6 +111,13 @@ def validate(cfg: CN) -> None:
     check_choice(cfg, "AQD.PRUNING.NORM", {"auto", "l1", "l2"})
     _check_regexes(cfg, "AQD.PRUNING.LAYERS")
     _check_regexes(cfg, "AQD.PRUNING.EXCLUDE")
+    for rule in cfg.AQD.PRUNING.COUPLED:
+        if not isinstance(rule, str) or rule.count("=>") != 1:
+            raise ConfigError(f"AQD.PRUNING.COUPLED entry {rule!r}: write 'regex=>replacement'")
+        try:
+            re.compile(rule.split("=>")[0])
+        except re.error as e:
+            raise ConfigError(f"AQD.PRUNING.COUPLED entry {rule!r}: bad regex ({e})") from None
     check_range(cfg, "AQD.PRUNING.INTERVAL", 0)
     check_range(cfg, "AQD.PRUNING.START_ITER", 0)
 

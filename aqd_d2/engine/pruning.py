@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["FilterPruningHook", "filter_norms", "num_pruned_filters", "lowest_norm_mask",
-           "select_prunable_layers", "apply_filter_masks", "build_pruning_hook"]
+           "select_prunable_layers", "coupled_masks", "apply_filter_masks", "build_pruning_hook"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,36 @@ def select_prunable_layers(model: nn.Module, layers: Sequence[str],
     return out
 
 
+def coupled_masks(model: nn.Module, masks: Dict[str, torch.Tensor],
+                  rules: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """Masks that ranked layers pass to the convs coupled to them.
+
+    Args:
+        model: the detector (DDP-wrapped or not).
+        masks: ranked layer name -> (N,) bool mask.
+        rules: "regex=>replacement" (``re.sub`` on the ranked layer's name gives the coupled
+            conv's name; AQD.PRUNING.COUPLED).
+    Returns:
+        coupled conv name -> the same mask.
+    Raises:
+        ValueError: the coupled conv does not exist or has another number of filters.
+    """
+    modules = dict(_unwrap(model).named_modules())
+    out: Dict[str, torch.Tensor] = {}
+    for rule in rules:
+        pattern, repl = rule.split("=>")
+        for name, keep in masks.items():
+            if not re.search(pattern, name):
+                continue
+            target = re.sub(pattern, repl, name)
+            conv = modules.get(target)
+            if not isinstance(conv, nn.Conv2d) or conv.out_channels != keep.numel():
+                raise ValueError(f"AQD.PRUNING.COUPLED rule {rule!r} maps {name!r} to {target!r}, "
+                                 f"which is not a conv with {keep.numel()} filters")
+            out[target] = keep
+    return out
+
+
 @torch.no_grad()
 def apply_filter_masks(model: nn.Module, masks: Dict[str, torch.Tensor],
                        prune_norm: bool = True) -> None:
@@ -168,11 +198,13 @@ class FilterPruningHook(HookBase):
         start_iter: first pruning iteration (completed iterations).
         prune_norm: also zero the attached norm's affine of pruned channels.
         rate_means: "pruned" or "kept" (see :func:`num_pruned_filters`).
+        coupled: "regex=>replacement" rules: a pruned layer matching regex also masks the conv
+            ``re.sub(regex, replacement, name)`` with the same mask (see :func:`coupled_masks`).
     """
 
     def __init__(self, method: str, rate: float, layers: Sequence[str], exclude: Sequence[str] = (),
                  p: int = 2, interval: int = 1, start_iter: int = 0, prune_norm: bool = True,
-                 rate_means: str = "pruned"):
+                 rate_means: str = "pruned", coupled: Sequence[str] = ()):
         if method not in ("sfp", "pfec"):
             raise ValueError(f"AQD.PRUNING.METHOD = {method!r}: use 'sfp' or 'pfec'")
         if method == "sfp" and interval <= 0:
@@ -186,6 +218,7 @@ class FilterPruningHook(HookBase):
         self.interval = int(interval)
         self.start_iter = int(start_iter)
         self.prune_norm = bool(prune_norm)
+        self.coupled = list(coupled)
         self.masks: Dict[str, torch.Tensor] = {}
         self.last_prune_iter = -1  # completed iterations at the last pruning step; -1 = never
 
@@ -203,6 +236,7 @@ class FilterPruningHook(HookBase):
         for name, conv in select_prunable_layers(model, self.layers, self.exclude):
             n = num_pruned_filters(conv.out_channels, self.rate, self.rate_means)
             masks[name] = lowest_norm_mask(conv.weight, n, self.p)
+        masks.update(coupled_masks(model, masks, self.coupled))
         apply_filter_masks(model, masks, self.prune_norm)
         self.masks = masks
         self.last_prune_iter = int(iteration)
@@ -270,4 +304,5 @@ def build_pruning_hook(cfg) -> Optional[FilterPruningHook]:
     interval = int(c.INTERVAL) or (_epoch_iters(cfg) if c.METHOD == "sfp" else 1)
     return FilterPruningHook(c.METHOD, c.RATE, c.LAYERS, c.EXCLUDE, p=int(norm[1]),
                              interval=interval, start_iter=c.START_ITER,
-                             prune_norm=c.PRUNE_NORM, rate_means=c.RATE_MEANS)
+                             prune_norm=c.PRUNE_NORM, rate_means=c.RATE_MEANS,
+                             coupled=c.COUPLED)

@@ -225,13 +225,63 @@ def test_sfp_default_interval_is_one_epoch():
     ("AQD.PRUNING.NORM", "l3", "'l2'"),
     ("AQD.PRUNING.LAYERS", "['(']", "AQD.PRUNING.LAYERS"),
     ("AQD.PRUNING.RATE_MEANS", "left", "'kept'"),
+    ("AQD.PRUNING.COUPLED", "['a->b']", "regex=>replacement"),
 ])
 def test_bad_values_name_key_and_choices(key, value, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
         aqd_d2.config.validate_aqd_config(_cfg(key, value))
 
 
+def test_coupled_layer_gets_the_ranked_layers_mask():
+    hook = FilterPruningHook("pfec", 0.5, [r"^backbone\.0$"], p=1,
+                             coupled=[r"^(backbone)\.0$=>\1.9"])
+    with pytest.raises(ValueError, match="backbone.9"):
+        hook.prune(_Net(), 0)
+    net = _Net()
+    net.backbone[1] = nn.Conv2d(10, 10, 1)
+    hook = FilterPruningHook("pfec", 0.5, [r"^backbone\.0$"], p=1, coupled=[r"\.0$=>.1"])
+    masks = hook.prune(net, 0)
+    assert torch.equal(masks["backbone.1"], masks["backbone.0"])
+    assert _zero_rows(net.backbone[1].weight) == (~masks["backbone.0"]).tolist()
+
+
 def test_layers_matching_nothing_fail_clearly():
     hook = FilterPruningHook("sfp", 0.3, [r"^nothing"], interval=1)
     with pytest.raises(ValueError, match="AQD.PRUNING.LAYERS"):
         hook.prune(_Net(), 0)
+
+
+# ---- through aqd_d2's Trainer (detectron2 DefaultTrainer) -------------------------------------
+def test_trainer_checkpoints_pfec_masks_and_resume_restores_them(tmp_path):
+    from aqd_d2.engine import Trainer
+    from tests.conftest import tiny_train_opts
+    from tests.test_configs import load_test_config
+
+    def cfg(max_iter):
+        return load_test_config("configs/Pruned/R18-FPN-shapes-voc-cpu-PFEC.yaml",
+                                tiny_train_opts(tmp_path, max_iter) + ["DATASETS.TEST", "()"])
+
+    trainer = Trainer(cfg(2))
+    hook = [h for h in trainer._hooks if isinstance(h, FilterPruningHook)]
+    assert len(hook) == 1 and hook[0].method == "pfec" and hook[0].p == 1
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    masks = hook[0].masks
+    assert len(masks) == 8 and all(int((~m).sum()) == int(m.numel() * 0.3) for m in masks.values())
+    ckpt = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
+    saved = ckpt["trainer"]["hooks"]["FilterPruningHook"]
+    assert saved["last_prune_iter"] == 0
+    assert all(torch.equal(saved["masks"][k], masks[k]) for k in masks)
+    for name, keep in masks.items():  # the saved weights carry the permanent mask
+        assert _zero_rows(ckpt["model"][name + ".weight"]) == (~keep).tolist()
+        assert torch.all(ckpt["model"][name + ".norm.weight"][~keep] == 0)
+
+    trainer2 = Trainer(cfg(4))
+    trainer2.resume_or_load(resume=True)
+    hook2 = [h for h in trainer2._hooks if isinstance(h, FilterPruningHook)][0]
+    assert trainer2.start_iter == 2 and hook2.last_prune_iter == 0
+    assert all(torch.equal(hook2.masks[k], masks[k]) for k in masks)
+    trainer2.train()
+    state = trainer2.model.state_dict()
+    for name, keep in masks.items():
+        assert _zero_rows(state[name + ".weight"]) == (~keep).tolist()

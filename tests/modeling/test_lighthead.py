@@ -164,3 +164,24 @@ def test_pruning_configs_select_the_intended_layers(rel_path, expected):
                                                  cfg.AQD.PRUNING.EXCLUDE)]
     assert len(names) == expected, names
     assert not any("shortcut" in n or n.startswith("backbone.stem") for n in names)
+
+
+def test_pfec_shufflenet_config_zeroes_pruned_channels_through_the_depthwise_conv():
+    from aqd_d2.engine.pruning import build_pruning_hook
+
+    rel = "configs/LightHead/ShuffleNetV2-x0.5-LightHead-shapes-voc-cpu-PFEC.yaml"
+    cfg = load_test_config(rel)
+    model = build_model(cfg)
+    hook = build_pruning_hook(cfg)
+    masks = hook.prune(model, 0)
+    assert len(masks) == 32  # 16 ranked 1x1 convs + their 16 coupled depthwise convs
+    unit = model.backbone.stage3[2]
+    keep = masks["backbone.stage3.2.branch_main.0"]
+    assert torch.equal(masks["backbone.stage3.2.branch_main.1"], keep)
+    assert int((~keep).sum()) == int(48 * 0.3)  # floor(0.3 * 48) of the 48 branch channels
+    seen = {}
+    unit.branch_main[1].register_forward_hook(lambda m, i, o: seen.setdefault("dw", o))
+    model.eval()
+    with torch.no_grad():
+        model.backbone(torch.rand(1, 3, 64, 64))
+    assert torch.all(seen["dw"][:, ~keep] == 0) and torch.any(seen["dw"][:, keep] != 0)
