@@ -296,3 +296,18 @@ def test_aqd_trainer_runs_the_ssd_mapper_and_evaluates(tmp_path):
     assert (tmp_path / "model_final.pth").exists()
     results = Trainer.test(cfg, trainer.model)
     assert "bbox" in results and "AP50" in results["bbox"]
+
+
+def test_full_ssd300_vgg16_size_and_binary_packed_ratio():
+    """SSD300-VGG16 for VOC: 26.29 M parameters (paper 000 Table 2: 100.28 MB at 32 bits);
+    the Xnor-Net model packs to >= 6x smaller than its float state (issue 7)."""
+    from aqd_d2.export import packed_size_report
+
+    model = build_model(load_test_config("configs/SSD/VGG16-VOC-FP.yaml"))
+    # backbone 22,943,936 (test above) + head: sum_k 3 * 3 * C_k * A_k * (21 + 4) + A_k * 25
+    head = sum(9 * c * a * 25 + a * 25 for c, a in
+               zip((512, 1024, 512, 256, 256, 256), (4, 6, 6, 6, 4, 4)))
+    assert head == 3_341_550
+    assert sum(p.numel() for p in model.parameters()) == 22_943_936 + head == 26_285_486
+    binary = build_model(load_test_config("configs/SSD/VGG16-VOC-XNOR.yaml"))
+    assert packed_size_report(binary).ratio >= 6.0
