@@ -100,10 +100,10 @@ def add_config(cfg: CN) -> None:
     _C.INPUT.SSD.CROP_MIN_IOUS = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9]
     # Include "use the entire original input image" among the crop options.
     _C.INPUT.SSD.CROP_KEEP_ORIGINAL = True
-    # Patch side range as a fraction of the image side (SSD: [0.1, 1] of the area; we
-    # sample each side in this range, as the SSD release does).
+    # Range of the patch side scale s: the patch has area s^2 of the image (SSD: [0.1, 1] of
+    # the image size; the SSD release samples s in [0.3, 1]).
     _C.INPUT.SSD.CROP_SCALE = (0.3, 1.0)
-    # Patch aspect ratio (w / h) range.
+    # Range of the patch aspect ratio (w / h in normalised image coordinates; SSD: 1/2 .. 2).
     _C.INPUT.SSD.CROP_ASPECT_RANGE = (0.5, 2.0)
     # Patches tried per option before drawing another option.
     _C.INPUT.SSD.CROP_MAX_TRIALS = 50

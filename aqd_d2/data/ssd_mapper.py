@@ -10,8 +10,10 @@ Order, each a detectron2 Augmentation / Transform so that boxes move with the im
 2. zoom out (:class:`ExpandTransform`): the image placed at a random position on a canvas
    up to ``EXPAND_MAX_RATIO`` times larger, filled with the pixel mean (MODEL.PIXEL_MEAN).
 3. random IoU crop (:class:`RandomIoUCrop`): one option drawn from {whole image, min IoU
-   0, 0.1, 0.3, 0.5, 0.7, 0.9}; patches of side 0.3-1 of the image and aspect 1/2-2 are
-   tried until one overlaps some gt box with IoU >= the minimum and contains some box centre.
+   0, 0.1, 0.3, 0.5, 0.7, 0.9}; patches of area 0.09-1 of the image (side scale 0.3-1) and
+   aspect 1/2-2 (SSD: "[0.1, 1] of the original image size, aspect ratio between 1/2 and 2";
+   the scale / aspect sampler of the SSD release) are tried until one overlaps some gt box
+   with IoU >= the minimum and contains some box centre; after CROP_MAX_TRIALS the image is kept.
    Boxes whose centre falls outside the patch are dropped, the others clipped to it.
 4. horizontal flip, 5. resize to ``SIZE`` x ``SIZE`` (300; aspect ratio not kept).
 
@@ -210,8 +212,9 @@ class RandomIoUCrop(T.Augmentation):
     Args:
         min_ious: minimum-IoU options (0 = any patch).
         keep_original: add "the whole image" as an option.
-        scale: patch side range as a fraction of the image side.
-        aspect_range: patch w / h range.
+        scale: range of the patch side scale s (area fraction s^2).
+        aspect_range: range of the patch aspect a (normalised w / h), clipped to
+            [s^2, 1 / s^2] so that the patch fits in the image.
         max_trials: patches tried for the drawn option; if none fits, the whole image.
     """
 
@@ -230,9 +233,13 @@ class RandomIoUCrop(T.Augmentation):
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         centres = (boxes[:, :2] + boxes[:, 2:]) / 2
         for _ in range(self.max_trials):
-            cw, ch = np.random.uniform(*self.scale) * w, np.random.uniform(*self.scale) * h
-            if not self.aspect_range[0] <= cw / ch <= self.aspect_range[1]:
-                continue
+            # SSD's sampler: side scale s and aspect a (w / h of the normalised patch), kept
+            # inside the image: patch (s sqrt(a) W, s / sqrt(a) H), area s^2 in [0.09, 1].
+            scale = np.random.uniform(*self.scale)
+            lo = max(self.aspect_range[0], scale ** 2)
+            hi = min(self.aspect_range[1], 1 / scale ** 2)
+            aspect = np.random.uniform(lo, hi)
+            cw, ch = scale * np.sqrt(aspect) * w, scale / np.sqrt(aspect) * h
             x0, y0 = np.random.uniform(0, w - cw), np.random.uniform(0, h - ch)
             rect = np.array([x0, y0, x0 + cw, y0 + ch])
             x0i, y0i = int(x0), int(y0)

@@ -75,6 +75,7 @@ def test_random_iou_crop_respects_min_iou():
             rect = np.array([t.x0, t.y0, t.x0 + t.w, t.y0 + t.h], dtype=float)
             assert _iou_with_rect(boxes, rect)[0] >= 0.5 - 0.05  # integer rounding of the rect
             assert 0.5 * 0.95 <= t.w / t.h <= 2 / 0.95
+            assert 0.09 * 0.95 <= t.w * t.h / 100 ** 2 <= 1.0  # area s^2, s in [0.3, 1]
     assert n_crops >= 20
 
 
