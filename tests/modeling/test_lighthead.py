@@ -185,3 +185,22 @@ def test_pfec_shufflenet_config_zeroes_pruned_channels_through_the_depthwise_con
     with torch.no_grad():
         model.backbone(torch.rand(1, 3, 64, 64))
     assert torch.all(seen["dw"][:, ~keep] == 0) and torch.any(seen["dw"][:, keep] != 0)
+
+
+def test_lighthead_with_bidet_objective_has_gaussian_ib_and_sop_losses():
+    from aqd_d2.modeling.meta_arch.lighthead import LightHeadBiDetROIHeads
+
+    torch.manual_seed(0)
+    cfg = load_test_config("configs/LightHead/ShuffleNetV2-x0.5-LightHead-shapes-voc-cpu-BiDet.yaml")
+    model = build_model(cfg)
+    assert isinstance(model.roi_heads, LightHeadBiDetROIHeads)
+    assert isinstance(model.roi_heads.box_pooler, LightHeadRoIWarp)
+    assert model.bidet.bottleneck.prior == "gaussian"
+    losses = train_step(cfg, model)
+    assert {"loss_ib_feature", "loss_cls", "loss_box_ib", "loss_sop"} <= set(losses)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        a = model(tiny_batch(1, with_gt=False))[0]["instances"]
+        b = model(tiny_batch(1, with_gt=False))[0]["instances"]
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)  # deterministic features in eval

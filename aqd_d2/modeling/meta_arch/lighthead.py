@@ -21,6 +21,10 @@ sampling, losses, inference) whose box pooler is :class:`LightHeadRoIWarp` (thin
 PS-RoIAlign). The large separable conv lives in the pooler so that anything that runs
 ``roi_heads.box_pooler`` (training, inference, ``aqd_d2.analysis.analyze_model``) runs it too;
 it is computed once per image batch, before the RoIs are pooled.
+
+``"LightHeadBiDetROIHeads"`` is the same head with BiDet's predictor and sparse object priors
+(``BiDetROIHeads``), for "Light-Head R-CNN + Tech. in BiDet / AutoBiDet" (paper 000 sec. 4.4,
+Table 4) with the ``BiDetRCNN`` meta-architecture and the Gaussian feature prior.
 """
 from __future__ import annotations
 
@@ -38,7 +42,10 @@ from detectron2.structures import Boxes
 from torch import nn
 from torchvision.ops import ps_roi_align
 
-__all__ = ["LargeSeparableConv", "PSRoIAlign", "LightHeadRoIWarp", "LightHeadROIHeads"]
+from aqd_d2.modeling.bidet.roi_heads import BiDetFastRCNNOutputLayers, BiDetROIHeads
+
+__all__ = ["LargeSeparableConv", "PSRoIAlign", "LightHeadRoIWarp", "LightHeadROIHeads",
+           "LightHeadBiDetROIHeads", "light_head_box_parts"]
 
 
 class LargeSeparableConv(nn.Module):
@@ -125,6 +132,34 @@ class LightHeadRoIWarp(nn.Module):
         return self.ps_roi_align(self.thin_feature(x[0]), convert_boxes_to_pooler_format(box_lists))
 
 
+def light_head_box_parts(cfg, input_shape: Dict[str, ShapeSpec]) -> dict:
+    """The Light-Head R-CNN box parts (``box_in_features``, ``box_pooler``, ``box_head``) of
+    ``StandardROIHeads._init_box_head``'s dict, without the predictor.
+
+    Raises:
+        ValueError: naming MODEL.ROI_HEADS.IN_FEATURES unless it holds exactly one feature, or
+            MODEL.MASK_ON / KEYPOINT_ON when set.
+    """
+    in_features = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
+    if len(in_features) != 1:
+        raise ValueError(f"MODEL.ROI_HEADS.IN_FEATURES = {in_features}: Light-Head R-CNN "
+                         "takes exactly one feature map")
+    if cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON:
+        raise ValueError("Light-Head R-CNN ROI heads have a box head only: set MODEL.MASK_ON "
+                         "and MODEL.KEYPOINT_ON to False")
+    shape = input_shape[in_features[0]]
+    lh = cfg.MODEL.LIGHT_HEAD
+    p = int(cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION)
+    alpha = int(lh.ALPHA)
+    warp = LightHeadRoIWarp(
+        LargeSeparableConv(shape.channels, int(lh.MID_CHANNELS), alpha * p * p,
+                           int(lh.KERNEL_SIZE), bool(lh.RELU)),
+        PSRoIAlign(p, 1.0 / shape.stride, int(cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO)),
+    )
+    box_head = build_box_head(cfg, ShapeSpec(channels=alpha, height=p, width=p))
+    return {"box_in_features": in_features, "box_pooler": warp, "box_head": box_head}
+
+
 @ROI_HEADS_REGISTRY.register()
 class LightHeadROIHeads(StandardROIHeads):
     """Light-Head R-CNN's R-CNN part (see module docstring); box head only.
@@ -136,26 +171,23 @@ class LightHeadROIHeads(StandardROIHeads):
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        in_features = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
-        if len(in_features) != 1:
-            raise ValueError(f"MODEL.ROI_HEADS.IN_FEATURES = {in_features}: Light-Head R-CNN "
-                             "takes exactly one feature map")
-        if cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON:
-            raise ValueError("LightHeadROIHeads has a box head only: set MODEL.MASK_ON and "
-                             "MODEL.KEYPOINT_ON to False")
-        shape = input_shape[in_features[0]]
-        lh = cfg.MODEL.LIGHT_HEAD
-        p = int(cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION)
-        alpha = int(lh.ALPHA)
-        warp = LightHeadRoIWarp(
-            LargeSeparableConv(shape.channels, int(lh.MID_CHANNELS), alpha * p * p,
-                               int(lh.KERNEL_SIZE), bool(lh.RELU)),
-            PSRoIAlign(p, 1.0 / shape.stride, int(cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO)),
-        )
-        box_head = build_box_head(cfg, ShapeSpec(channels=alpha, height=p, width=p))
-        return {
-            "box_in_features": in_features,
-            "box_pooler": warp,
-            "box_head": box_head,
-            "box_predictor": FastRCNNOutputLayers(cfg, box_head.output_shape),
-        }
+        ret = light_head_box_parts(cfg, input_shape)
+        ret["box_predictor"] = FastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
+        return ret
+
+
+@ROI_HEADS_REGISTRY.register()
+class LightHeadBiDetROIHeads(BiDetROIHeads):
+    """Light-Head R-CNN's R-CNN part with BiDet's objective (paper 000 Table 4, "Light-Head
+    R-CNN + Tech. in BiDet / AutoBiDet"): :class:`LightHeadROIHeads`' thin feature map,
+    PS-RoIAlign and FC, with ``BiDetROIHeads``' predictor (mean + log-variance box branches,
+    beta-weighted class / location information terms) and sparse object priors. Used with the
+    ``BiDetRCNN`` meta-architecture and ``MODEL.BIDET.FEATURE_PRIOR: "gaussian"`` (the prior
+    of efficient models, appendix 001 B.2).
+    """
+
+    @classmethod
+    def _init_box_head(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        ret = light_head_box_parts(cfg, input_shape)
+        ret["box_predictor"] = BiDetFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
+        return ret
