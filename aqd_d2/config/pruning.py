@@ -41,7 +41,7 @@ def add_config(cfg: CN) -> None:
     # How RATE is read: "pruned" (the papers' wording: RATE of the filters are pruned) or
     # "kept" (the official SFP code's --rate, the fraction kept: its rate 0.7 prunes 30%).
     _C.AQD.PRUNING.RATE_MEANS = "pruned"
-    # Filter norm used to rank filters: "l2" (SFP, eq. 2 with p = 2), "l1" (PFEC, sum of
+    # Filter norm used to rank filters: "l2" (SFP, Lp norm with p = 2), "l1" (PFEC, sum of
     # absolute kernel weights), or "auto" (l2 for sfp, l1 for pfec).
     _C.AQD.PRUNING.NORM = "auto"
     # Regexes (re.search) over module names: the nn.Conv2d layers whose output filters are
@@ -54,6 +54,11 @@ def add_config(cfg: CN) -> None:
     # depthwise conv after a pruned 1x1 conv ("(branch_main)\.0$=>\1.1" in ShuffleNetV2), so
     # the channel is zero all the way to the next dense conv, as if it were removed.
     _C.AQD.PRUNING.COUPLED = []
+    # Consumer rules "regex=>replacement" for hard pruning after training
+    # (aqd_d2.pruning.compact.remove_pruned_channels): re.sub on a pruned conv's name gives the
+    # conv that reads its output (e.g. "conv1$=>conv2" in a ResNet basic block); the pruned
+    # filters and the consumer's matching input channels are then removed. [] = keep masks.
+    _C.AQD.PRUNING.CONSUMERS = []
     # SFP: iterations between two pruning steps (the paper prunes once per epoch; 0 = one
     # epoch of DATASETS.TRAIN, ceil(#images / SOLVER.IMS_PER_BATCH)). SFP also prunes before
     # the first step (at START_ITER) and after the last one (the final compact model).
@@ -111,13 +116,14 @@ def validate(cfg: CN) -> None:
     check_choice(cfg, "AQD.PRUNING.NORM", {"auto", "l1", "l2"})
     _check_regexes(cfg, "AQD.PRUNING.LAYERS")
     _check_regexes(cfg, "AQD.PRUNING.EXCLUDE")
-    for rule in cfg.AQD.PRUNING.COUPLED:
-        if not isinstance(rule, str) or rule.count("=>") != 1:
-            raise ConfigError(f"AQD.PRUNING.COUPLED entry {rule!r}: write 'regex=>replacement'")
-        try:
-            re.compile(rule.split("=>")[0])
-        except re.error as e:
-            raise ConfigError(f"AQD.PRUNING.COUPLED entry {rule!r}: bad regex ({e})") from None
+    for key in ("COUPLED", "CONSUMERS"):
+        for rule in cfg.AQD.PRUNING[key]:
+            if not isinstance(rule, str) or rule.count("=>") != 1:
+                raise ConfigError(f"AQD.PRUNING.{key} entry {rule!r}: write 'regex=>replacement'")
+            try:
+                re.compile(rule.split("=>")[0])
+            except re.error as e:
+                raise ConfigError(f"AQD.PRUNING.{key} entry {rule!r}: bad regex ({e})") from None
     check_range(cfg, "AQD.PRUNING.INTERVAL", 0)
     check_range(cfg, "AQD.PRUNING.START_ITER", 0)
 

@@ -9,14 +9,8 @@ from torch import nn
 
 import aqd_d2
 from aqd_d2.config import ConfigError
-from aqd_d2.engine.pruning import (
-    FilterPruningHook,
-    apply_filter_masks,
-    build_pruning_hook,
-    filter_norms,
-    lowest_norm_mask,
-    num_pruned_filters,
-)
+from aqd_d2.engine.pruning import FilterPruningHook, build_pruning_hook
+from aqd_d2.pruning import apply_filter_masks, filter_norms, lowest_norm_mask, num_pruned_filters
 from aqd_d2.engine.stage_hook import build_aqd_hooks
 
 import pytest
@@ -24,7 +18,7 @@ import pytest
 
 def test_filter_norms_hand_values():
     w = torch.tensor([[3.0, 4.0], [1.0, 0.0], [-2.0, 2.0]]).view(3, 1, 1, 2)
-    assert torch.allclose(filter_norms(w, 2), torch.tensor([5.0, 1.0, 8 ** 0.5]))  # SFP eq. 2
+    assert torch.allclose(filter_norms(w, 2), torch.tensor([5.0, 1.0, 8 ** 0.5]))  # SFP: L2 norm of each filter
     assert torch.allclose(filter_norms(w, 1), torch.tensor([7.0, 1.0, 4.0]))  # PFEC s_j
 
 

@@ -9,7 +9,7 @@ import torchvision
 from detectron2.modeling import build_model
 
 from aqd_d2.config import ConfigError
-from aqd_d2.engine.pruning import select_prunable_layers
+from aqd_d2.pruning import select_prunable_layers
 from aqd_d2.modeling.backbone.shufflenetv2 import (
     ShuffleNetV2,
     channel_shuffle,
