@@ -57,7 +57,7 @@ def load_test_config(rel_path: str, extra=(), narrow: bool = False):
         # from its own config file, must match the student's feature shapes).
         if cfg.MODEL.QUANT.META_ARCHITECTURE == "YOLOv2" and cfg.MODEL.META_ARCHITECTURE != "KnowledgeTransfer":
             opts += ["MODEL.DARKNET.WIDTH_MULT", "0.125"]
-        if cfg.MODEL.QUANT.META_ARCHITECTURE == "SSD":  # SSD300: VGG16 / MobileNetV1 at 1/8 width
+        if cfg.MODEL.QUANT.META_ARCHITECTURE in ("SSD", "BiDetSSD"):  # SSD300: VGG16 / MobileNetV1 at 1/8 width
             opts += ["MODEL.VGG.WIDTH_MULT", "0.125", "MODEL.MOBILENET_SSD.WIDTH_MULT", "0.125"]
     if cfg.MODEL.QUANT.W_METHOD == "liq" and not cfg.MODEL.QUANT.W_KWARGS:
         opts += ["MODEL.QUANT.W_KWARGS", "['init=max']"]

@@ -17,8 +17,9 @@ whether the two steps see different batches; reading extra batches would change 
 detector's data order). The paper trains the GAN "until the generator loss converged" in
 each round; here every iteration is one round (D_STEPS + 1 GAN steps), a documented
 simplification. Every GAN loss dict goes through :meth:`AQDTrainLoop.check_finite`; a
-non-finite one skips that GAN step under POLICY "skip". Under DDP the estimator's gradients
-are averaged over ranks before each GAN step, so the replicas stay identical.
+non-finite one skips that GAN step under POLICY "skip". Under DDP the estimator's parameters
+are broadcast from rank 0 when the loop is built and its gradients are averaged over ranks
+before each GAN step, so the replicas stay identical.
 
 Checkpointing: :meth:`state_dict` / :meth:`load_state_dict` add the two Adam states to the
 loop's state. detectron2 0.6's DefaultTrainer does not save its loop's state, so
@@ -74,6 +75,18 @@ def _average_grads(params: List[nn.Parameter]) -> None:
             p.grad /= comm.get_world_size()
 
 
+def _broadcast(params: List[nn.Parameter]) -> None:
+    """Copy rank 0's values of ``params`` to every rank (DDP does not sync parameters that do
+    not require grad, and detectron2 seeds every rank differently)."""
+    if comm.get_world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
 @TRAIN_LOOP_REGISTRY.register()
 class BiDetGANLoop(AQDTrainLoop):
     """Detector step, then the complexity estimator's D / G steps (see module doc).
@@ -91,6 +104,7 @@ class BiDetGANLoop(AQDTrainLoop):
         if any(id(p) in ids for p in self.d_params + self.g_params):
             raise ValueError("the detector's optimizer holds complexity-estimator parameters; "
                              "build it after the model (they must not require grad)")
+        _broadcast(self.d_params + self.g_params)
         betas = tuple(float(b) for b in a.ADAM_BETAS)
         self.d_steps = int(a.D_STEPS)
         self.d_optimizer = (torch.optim.Adam(self.d_params, lr=a.D_LR, betas=betas)
