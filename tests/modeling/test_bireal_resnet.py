@@ -177,3 +177,17 @@ def test_bad_config_values_name_the_key(key, value, match):
     cfg.merge_from_list([key, value])
     with pytest.raises(ConfigError, match=match):
         build_bireal_resnet_backbone(cfg, ShapeSpec(channels=3))
+
+
+def test_basicblock_binary_detector_is_blind_and_bireal_is_not():
+    """Consequence of the defect: with BasicBlock every binary conv sees a constant (+1), so
+    the binary FPN features are the same for any two images; the Bi-Real ones differ."""
+    for extra, blind in (([], False), (["MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone",
+                                        "MODEL.QUANT.OVERRIDES", "[]"], True)):
+        torch.manual_seed(0)
+        model = build_model(load_test_config(BINARY, narrow=True, extra=extra)).eval()
+        x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 255
+        with torch.no_grad():
+            feats = model.backbone((x - model.pixel_mean) / model.pixel_std)
+        diffs = [float((f[0] - f[1]).abs().max()) for f in feats.values()]
+        assert (max(diffs) == 0.0) == blind, diffs
