@@ -165,7 +165,8 @@ def claims(rows: List[dict]) -> List[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="output/aqd_study", help="directory of the runs and results")
-    p.add_argument("--only", default="", help="comma-separated substrings of run names to run")
+    p.add_argument("--only", default="",
+                   help="comma-separated run names (exact) or substrings of run names to run")
     p.add_argument("--max-iter", type=int, default=0, help="scale the schedule to N iterations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="OMP threads per training process")
@@ -180,7 +181,10 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     keys = [k for k in args.only.split(",") if k]
-    selected = [r for r in study_runs() if not keys or any(k in r.name for k in keys)]
+    names = {r.name for r in study_runs()}
+    # A key equal to a run name selects that run only; any other key is a substring.
+    selected = [r for r in study_runs()
+                if not keys or any(k == r.name if k in names else k in r.name for k in keys)]
     rows = []
     for run in selected:
         metrics = train(run, out, args)
