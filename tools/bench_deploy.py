@@ -2,7 +2,7 @@
 """Deployment benchmark: real binary / int8 inference vs float, and packed file sizes.
 
     python tools/bench_deploy.py [--size 320 [640 ...]] [--repeats 7] [--threads 1] [--skip-e2e]
-        [--skip-layers] [--skip-sizes] [--json out.json]
+        [--skip-layers] [--skip-sizes] [--isa avx2] [--profile] [--proposals N] [--json out.json]
 
 1. End to end, one thread: Faster R-CNN R18-FPN (configs/FasterRCNN/R18-FPN-shapes-cpu-*.yaml)
    on one ``--size`` x ``--size`` image, float vs binary (backbone + FPN + RPN binary) vs binary
@@ -10,16 +10,23 @@
    :func:`aqd_d2.export.deploy.convert_for_inference` (the float one only gets its BN folded,
    which makes the float baseline faster, not slower). The models are timed interleaved in one
    process (median of ``--repeats`` rounds) so that load from other processes hits all alike.
-   The models are randomly initialised (timing does not depend on the weights), but the
+   The models are randomly initialised with BN statistics calibrated on the benchmark image
+   (:func:`calibrate_bn`); the binary kernels' timing does not depend on the weights, but the
    number of RPN proposals reaching the box head does (NMS); it is pinned to
    MODEL.RPN.POST_NMS_TOPK_TEST for every model by disabling the RPN's NMS (NMS_THRESH 1.0),
    and printed.
+   Then each stage (backbone + FPN, RPN, ROI heads) is timed on its own, interleaved, which
+   shows the Amdahl bound: the float ROI heads (ROIAlign, the 12544 -> 1024 -> 1024 box head
+   on 1000 proposals, NMS) are common to the float and the binary detector, so the binary
+   detector cannot be faster than float total / its ROI-head time. ``--profile`` adds
+   torch.profiler's top operators; ``--isa avx2`` forces the AVX2 kernel variant.
 2. Per layer, one thread: the int8 GEMM path (:class:`~aqd_d2.export.deploy.Int8ConvInference`,
    including encoding its input) vs ``torch.nn.Conv2d`` in float32, 4-bit and 2-bit, on the conv
    shapes of RetinaNet/Faster R-CNN R18-FPN at a 320 input.
-3. Packed file size (``save_packed``) vs the float checkpoint (``torch.save`` of the float
-   model's ``state_dict``): binary Faster R-CNN R18-FPN with binarized box head, 4-bit and
-   2-bit AQD RetinaNet R18-FPN. (Binary SSD300-VGG16 is not in aqd_d2 yet: skipped.)
+3. Packed file size (``save_packed``, format version 2) vs the float checkpoint (``torch.save``
+   of the float model's ``state_dict``): binary Faster R-CNN R18-FPN with binarized box head,
+   4-bit and 2-bit AQD RetinaNet R18-FPN, binary SSD300-VGG16 (configs/SSD/VGG16-VOC-XNOR.yaml).
+   Float references of the binary detectors: their own config with MODEL.QUANT.ENABLED False.
 """
 from __future__ import annotations
 
@@ -45,15 +52,21 @@ from aqd_d2.quantization import build_quantizer
 
 REPO = Path(__file__).resolve().parent.parent
 FRCNN = {
-    "float": "configs/FasterRCNN/R18-FPN-shapes-cpu-FP.yaml",
+    # the float reference is the same detector (the binary config's architecture, e.g. its
+    # Bi-Real backbone) with the conversion pass off
+    "float": "configs/FasterRCNN/R18-FPN-shapes-cpu-binary.yaml",
     "binary (backbone+FPN+RPN)": "configs/FasterRCNN/R18-FPN-shapes-cpu-binary.yaml",
     "binary + box head": "configs/FasterRCNN/R18-FPN-shapes-cpu-binary-boxhead.yaml",
 }
+FLOAT_OPTS = ["MODEL.QUANT.ENABLED", "False"]
 RETINA = {
     "float": "configs/RetinaNet/R18-FPN-shapes-cpu-FP.yaml",
     "4-bit": "configs/RetinaNet/R18-FPN-shapes-cpu-4bit.yaml",
     "2-bit": "configs/RetinaNet/R18-FPN-shapes-cpu-2bit.yaml",
 }
+#: binary SSD300-VGG16 (paper 000's setting); its float reference is the same detector
+#: (BN after every VGG conv, as the binary config has) with the conversion pass off
+SSD_BINARY = "configs/SSD/VGG16-VOC-XNOR.yaml"
 #: extra size rows: (name, config, opts)
 SIZE_VARIANTS = {
     "2-bit, first/last layers 8-bit": (RETINA["2-bit"], ["MODEL.QUANT.FIRST_LAST_BITS", "8"]),
@@ -73,6 +86,22 @@ def build(rel: str, opts=()) -> torch.nn.Module:
     return build_model(cfg).eval()
 
 
+@torch.no_grad()
+def calibrate_bn(model: torch.nn.Module, batch: list) -> torch.nn.Module:
+    """Set every BN's running statistics to those of ``batch`` (one forward with the BN
+    layers in training mode, cumulative average), then eval. A randomly initialised network
+    without this can overflow: e.g. the float Bi-Real backbone (no ReLU, a shortcut around
+    every conv) reaches 4e5 at P2, the RPN then keeps no box and the ROI heads do no work,
+    which would time a different computation than a trained detector's."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    model(batch)
+    return model.eval()
+
+
 def interleaved(fns: dict, repeats: int, inner: int = 1, warmup: int = 2) -> dict:
     """Median seconds per call of each function, timed round-robin (each sample: the mean of
     ``inner`` calls) after ``warmup`` calls of each (first calls set up kernels and caches)."""
@@ -89,13 +118,43 @@ def interleaved(fns: dict, repeats: int, inner: int = 1, warmup: int = 2) -> dic
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_end_to_end(size: int, repeats: int) -> dict:
+def stage_times(models: dict, batch: list, repeats: int) -> dict:
+    """Median seconds of each stage of each GeneralizedRCNN, timed interleaved: ``backbone``
+    (ResNet + FPN), ``rpn`` (proposal generator on those features), ``roi_heads`` (ROIAlign,
+    box head, predictor, post-processing on those proposals)."""
+    fns = {}
+    with torch.no_grad():
+        for name, m in models.items():
+            images = m.preprocess_image(batch)
+            feats = m.backbone(images.tensor)
+            props, _ = m.proposal_generator(images, feats)
+            fns[(name, "backbone")] = lambda m=m, t=images.tensor: m.backbone(t)
+            fns[(name, "rpn")] = lambda m=m, i=images, f=feats: m.proposal_generator(i, f)
+            fns[(name, "roi_heads")] = lambda m=m, i=images, f=feats, p=props: m.roi_heads(i, f, p)
+        return interleaved(fns, repeats, warmup=1)
+
+
+def print_profile(models: dict, batch: list, rows: int = 12) -> None:
+    """torch.profiler's top operators (self CPU time) of one call of each model."""
+    for name, m in models.items():
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            m(batch)
+        print(f"\n-- profile: {name} (one call, self CPU time)")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def bench_end_to_end(size: int, repeats: int, stages: bool = True, profile: bool = False,
+                     proposals: int = 0) -> dict:
     opts = ["MODEL.RPN.NMS_THRESH", "1.0"]  # pin the proposal count (see module docstring)
+    if proposals:
+        opts += ["MODEL.RPN.POST_NMS_TOPK_TEST", str(proposals)]
     image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0)) * 255
     batch = [{"image": image, "height": size, "width": size}]
     models, counts = {}, {}
     for name, rel in FRCNN.items():
-        model, report = convert_for_inference(build(rel, opts), inplace=True)
+        extra = FLOAT_OPTS if name == "float" else []
+        model = calibrate_bn(build(rel, opts + extra), batch)
+        model, report = convert_for_inference(model, inplace=True)
         models[name] = model
         if name != "float":
             print(f"{name}: {report.count('binary')} binary layers, "
@@ -114,6 +173,25 @@ def bench_end_to_end(size: int, repeats: int) -> dict:
     for k, r in rows.items():
         print(f"  {k:28s} {r['seconds'] * 1e3:9.1f} ms   speedup {r['speedup']:5.2f}x   "
               f"({r['proposals']} proposals)")
+    if stages:
+        st = stage_times(models, batch, repeats)
+        print("  stages (ms, median, timed interleaved):      backbone+FPN        RPN  ROI heads")
+        for k in models:
+            b, r, h = (st[(k, s)] * 1e3 for s in ("backbone", "rpn", "roi_heads"))
+            rows[k]["stages_ms"] = {"backbone": b, "rpn": r, "roi_heads": h}
+            print(f"  {k:42s} {b:12.1f} {r:10.1f} {h:10.1f}")
+        fl = rows["float"]["stages_ms"]
+        for k in models:
+            if k == "float":
+                continue
+            # Amdahl: the ROI heads (ROIAlign, box head, NMS) bound the end-to-end speed-up
+            bound = sum(fl.values()) / max(rows[k]["stages_ms"]["roi_heads"], 1e-9)
+            rows[k]["bound_if_backbone_rpn_free"] = bound
+            print(f"  {k}: stage sum speed-up {sum(fl.values()) / sum(rows[k]['stages_ms'].values()):.2f}x; "
+                  f"even with backbone+FPN+RPN at 0 ms it could not exceed {bound:.2f}x "
+                  f"(its ROI heads take {rows[k]['stages_ms']['roi_heads']:.0f} ms)")
+    if profile:
+        print_profile(models, batch)
     return rows
 
 
@@ -143,6 +221,10 @@ def bench_layers(repeats: int) -> list:
         out.append(row)
         print(f"  {row['layer']:28s} float {row['float_ms']:7.2f} ms | 4-bit {row['int8_4bit_ms']:6.2f} ms "
               f"({row['ratio_4bit']:4.2f}x) | 2-bit {row['int8_2bit_ms']:6.2f} ms ({row['ratio_2bit']:4.2f}x)")
+    ratios = [r[f"ratio_{b}bit"] for r in out for b in (4, 2)]
+    print(f"  {sum(x >= 1.6 for x in ratios)} of {len(ratios)} layer/bit-width pairs reach 1.6x; "
+          f"{sum(x < 1.0 for x in ratios)} are slower than float (convert_for_inference(int8='auto') "
+          f"measures each layer and deploys those as float)")
     return out
 
 
@@ -153,7 +235,7 @@ def bench_sizes() -> list:
         for family, float_rel, q_names in (("Faster R-CNN R18-FPN", FRCNN["float"], ["binary + box head", "binary (backbone+FPN+RPN)"]),
                                            ("RetinaNet R18-FPN (AQD)", RETINA["float"], ["4-bit", "2-bit", *SIZE_VARIANTS])):
             fpath = os.path.join(d, "float.pth")
-            torch.save(build(float_rel).state_dict(), fpath)
+            torch.save(build(float_rel, FLOAT_OPTS if float_rel == FRCNN["float"] else []).state_dict(), fpath)
             fbytes = os.path.getsize(fpath)
             table = FRCNN if family.startswith("Faster") else RETINA
             for q in q_names:
@@ -165,7 +247,19 @@ def bench_sizes() -> list:
                              "ratio": fbytes / pbytes})
                 print(f"  {family + ' ' + q:48s} float {fbytes / 2**20:7.2f} MB  packed {pbytes / 2**20:6.2f} MB"
                       f"  {fbytes / pbytes:5.1f}x smaller")
-    print("  binary SSD300-VGG16: not in aqd_d2 (no SSD meta-architecture yet): skipped")
+        if (REPO / SSD_BINARY).is_file():
+            fpath = os.path.join(d, "float.pth")
+            torch.save(build(SSD_BINARY, FLOAT_OPTS).state_dict(), fpath)
+            fbytes = os.path.getsize(fpath)
+            ppath = os.path.join(d, "packed.pth")
+            save_packed(build(SSD_BINARY), ppath)
+            pbytes = os.path.getsize(ppath)
+            rows.append({"model": "SSD300-VGG16 binary (XNOR)", "float_bytes": fbytes,
+                         "packed_bytes": pbytes, "ratio": fbytes / pbytes})
+            print(f"  {'SSD300-VGG16 binary (XNOR)':48s} float {fbytes / 2**20:7.2f} MB  packed "
+                  f"{pbytes / 2**20:6.2f} MB  {fbytes / pbytes:5.1f}x smaller")
+        else:
+            print(f"  binary SSD300-VGG16: {SSD_BINARY} not found: skipped")
     return rows
 
 
@@ -177,12 +271,19 @@ def main(argv=None) -> int:
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--skip-sizes", action="store_true")
+    p.add_argument("--isa", default="", choices=["", "generic", "popcnt", "avx2", "avx512"],
+                   help="force a binary kernel variant (default: the best this CPU runs)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators per model")
+    p.add_argument("--proposals", type=int, default=0,
+                   help="RPN proposals per image at test time (0: the configs' POST_NMS_TOPK_TEST, 1000)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
+    if args.isa:
+        os.environ["AQD_BINARY_ISA"] = args.isa
     torch.set_num_threads(args.threads)
     result = {"torch": torch.__version__, "threads": args.threads, "binary_kernel": kernel_backend()}
     if not args.skip_e2e:
-        result["end_to_end"] = {str(s): bench_end_to_end(s, args.repeats) for s in args.size}
+        result["end_to_end"] = {str(s): bench_end_to_end(s, args.repeats, profile=args.profile, proposals=args.proposals) for s in args.size}
     if not args.skip_layers:
         result["int8_layers"] = bench_layers(args.repeats)
     if not args.skip_sizes:
