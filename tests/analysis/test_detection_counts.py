@@ -157,6 +157,12 @@ def test_tool_on_coco_results_json(tmp_path, registered, capsys):
     counts = json.loads(out.read_text())
     assert (counts["TP"], counts["FP"], counts["FN"], counts["TN"]) == (1, 4, 2, 293)
     assert "circle" in capsys.readouterr().out
+    # COCOEvaluator's instances_predictions.pth holds the same records
+    pth = tmp_path / "instances_predictions.pth"
+    torch.save(predictions_from_coco_results(_coco_results()), pth)
+    assert tool.main(["--predictions", str(pth), "--dataset", registered, "--json", str(out)]) == 0
+    counts = json.loads(out.read_text())
+    assert (counts["TP"], counts["FP"], counts["FN"], counts["TN"]) == (1, 4, 2, None)
 
 
 def test_tool_runs_a_config(tmp_path, capsys):
