@@ -263,7 +263,7 @@ def test_short_cpu_run_on_tiny_voc_lowers_the_loss():
     dicts = DatasetCatalog.get("aqd_shapes_voc_tiny_train")
     np.random.seed(0)
     batch = [mapper(d) for d in dicts[:4]]
-    assert all(b["image"].shape == (3, 300, 300) for b in batch)
+    assert all(b["image"].shape == (3, 128, 128) for b in batch)
     model = build_model(cfg)
     model.train()
     opt = build_optimizer(cfg, model)
@@ -311,3 +311,20 @@ def test_full_ssd300_vgg16_size_and_binary_packed_ratio():
     assert sum(p.numel() for p in model.parameters()) == 22_943_936 + head == 26_285_486
     binary = build_model(load_test_config("configs/SSD/VGG16-VOC-XNOR.yaml"))
     assert packed_size_report(binary).ratio >= 6.0
+
+
+def test_backbones_stop_after_the_last_used_feature_for_small_inputs():
+    from aqd_d2.modeling.backbone.mobilenet_ssd import MobileNetV1SSD
+
+    vgg = VGG16SSD(width_mult=0.125, norm="BN", out_features=["conv4_3", "fc7", "conv8_2", "conv9_2"])
+    assert not hasattr(vgg, "conv10_1") and hasattr(vgg, "conv9_2")
+    mob = MobileNetV1SSD(width_mult=0.125, out_features=["conv5", "conv6", "conv7_2", "conv8_2"])
+    assert not hasattr(mob, "conv9_1") and hasattr(mob, "conv8_2")
+    with torch.no_grad():
+        v = vgg.eval()(torch.randn(1, 3, 128, 128))
+        m = mob.eval()(torch.randn(1, 3, 128, 128))
+    assert [o.shape[-1] for o in v.values()] == [16, 8, 4, 2]
+    assert [o.shape[-1] for o in m.values()] == [8, 4, 2, 1]
+    assert set(vgg.output_shape()) == set(v) and set(mob.output_shape()) == set(m)
+    with pytest.raises(ValueError, match="conv12_2"):
+        VGG16SSD(out_features=["conv12_2"])

@@ -14,6 +14,8 @@ Options (MODEL.MOBILENET_SSD.*): ``WIDTH_MULT``; ``ACTIVATION`` "relu" (MobileNe
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 
@@ -35,23 +37,32 @@ class MobileNetV1SSD(MobileNetYOLO):
         in_channels: image channels.
         width_mult: channel multiplier.
         activation: "relu" or "none" (identity).
+        out_features: outputs to produce (default all six); extras after the last one are not
+            built.
     """
 
-    def __init__(self, in_channels: int = 3, width_mult: float = 1.0, activation: str = "relu"):
+    def __init__(self, in_channels: int = 3, width_mult: float = 1.0, activation: str = "relu",
+                 out_features: Optional[Sequence[str]] = None):
         if activation not in ("relu", "none"):
             raise ValueError(f"MODEL.MOBILENET_SSD.ACTIVATION = {activation!r}; choose 'relu' or 'none'")
         # leaky ReLU with slope 0 is ReLU, with slope 1 the identity
         slope = 0.0 if activation == "relu" else 1.0
         super().__init__(in_channels, width_mult, negative_slope=slope)
+        out_features = list(MOBILENET_SSD_FEATURES if out_features is None else out_features)
+        if not out_features or any(f not in MOBILENET_SSD_FEATURES for f in out_features):
+            raise ValueError(f"MobileNetV1SSD outputs {out_features}: choose from {MOBILENET_SSD_FEATURES}")
+        n_extras = max(MOBILENET_SSD_FEATURES.index(f) for f in out_features) - 1
         c = self._specs["conv6"].channels
         strides = {"conv7_2": 64, "conv8_2": 100, "conv9_2": 150, "conv10_2": 300}
-        for n1, c1, n2, c2 in _EXTRAS:
+        for n1, c1, n2, c2 in _EXTRAS[: max(n_extras, 0)]:
             c1, c2 = _w(c1, width_mult), _w(c2, width_mult)
             self._add(n1, conv_bn_leaky(c, c1, 1, negative_slope=slope))
             self._add(n2, conv_bn_leaky(c1, c2, 3, stride=2, negative_slope=slope))
             self._outputs[n2] = n2
             self._specs[n2] = ShapeSpec(channels=c2, stride=strides[n2])
             c = c2
+        for f in [f for f in self._outputs if f not in out_features]:
+            del self._outputs[f], self._specs[f]
 
     @property
     def size_divisibility(self) -> int:
@@ -60,7 +71,8 @@ class MobileNetV1SSD(MobileNetYOLO):
 
 @BACKBONE_REGISTRY.register()
 def build_mobilenet_ssd_backbone(cfg, input_shape: ShapeSpec) -> MobileNetV1SSD:
-    """MobileNetV1 SSD from ``MODEL.MOBILENET_SSD.*``.
+    """MobileNetV1 SSD from ``MODEL.MOBILENET_SSD.*``, built up to the last of
+    ``MODEL.SSD.IN_FEATURES`` (all six when none of them is an output).
 
     Args:
         cfg: config with aqd_d2's keys.
@@ -69,4 +81,5 @@ def build_mobilenet_ssd_backbone(cfg, input_shape: ShapeSpec) -> MobileNetV1SSD:
         the backbone.
     """
     m = cfg.MODEL.MOBILENET_SSD
-    return MobileNetV1SSD(input_shape.channels, m.WIDTH_MULT, m.ACTIVATION)
+    wanted = [f for f in MOBILENET_SSD_FEATURES if f in cfg.MODEL.SSD.IN_FEATURES] or None
+    return MobileNetV1SSD(input_shape.channels, m.WIDTH_MULT, m.ACTIVATION, wanted)

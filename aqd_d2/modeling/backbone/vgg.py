@@ -21,10 +21,13 @@ identity shortcut around every conv whose input and output shapes are equal), ``
 ("maxpool", or "strided_conv": pool1-pool4 are dropped and the conv after each becomes a
 stride-2 conv, with a shortcut of 2x2 average pooling + 1x1 conv + norm when SHORTCUT is on,
 as BiDet's binary VGG (SC); pool5 keeps stride 1 and stays a max-pool), ``WIDTH_MULT``.
+Layers after the last feature that MODEL.SSD.IN_FEATURES uses are not built (so a 128-pixel
+input with the four levels conv4_3 .. conv9_2 works: the valid convs of conv10_2 / conv11_2
+need at least 3 x 3 inputs).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -92,12 +95,19 @@ class VGG16SSD(Backbone):
         shortcut: Bi-Real extra shortcuts.
         downsample: "maxpool" or "strided_conv".
         l2norm_scale: initial L2Norm scale on conv4_3.
+        out_features: the outputs to produce (a subset of the six, default all); layers after
+            the last one are not built, so smaller inputs work (e.g. 128 px: conv4_3 .. conv9_2).
     """
 
     def __init__(self, in_channels: int = 3, width_mult: float = 1.0, norm: str = "",
                  activation: str = "relu", shortcut: bool = False, downsample: str = "maxpool",
-                 l2norm_scale: float = 20.0):
+                 l2norm_scale: float = 20.0, out_features: Optional[Sequence[str]] = None):
         super().__init__()
+        out_features = list(_OUTPUTS) if out_features is None else list(out_features)
+        unknown = [f for f in out_features if f not in _OUTPUTS]
+        if unknown or not out_features:
+            raise ValueError(f"VGG16SSD outputs {unknown or out_features} unknown; choose from {list(_OUTPUTS)}")
+        last_layer = max((_OUTPUTS[f][0] for f in out_features), key=[x[0] for x in _VGG16].index)
         if activation not in ("relu", "none"):
             raise ValueError(f"MODEL.VGG.ACTIVATION = {activation!r}; choose 'relu' or 'none'")
         if downsample not in ("maxpool", "strided_conv"):
@@ -136,14 +146,16 @@ class VGG16SSD(Backbone):
                     Conv2d(c, out, 1, bias=not norm, norm=get_norm(norm, out) if norm else None)))
                 sc = "module"
             self._plan.append(("conv", name, sc))
-            if name == "conv4_3":
+            if name == "conv4_3" and "conv4_3" in out_features:
                 self.conv4_3_norm = L2Norm(out, l2norm_scale)
             pending_stride, pending_ceil = 1, False
             c = out
-        self._out_features = list(_OUTPUTS)
-        self._out_feature_channels = {
-            f: getattr(self, layer).out_channels for f, (layer, _) in _OUTPUTS.items()}
-        self._out_feature_strides = {f: s for f, (_, s) in _OUTPUTS.items()}
+            if name == last_layer:
+                break
+        self._out_features = [f for f in _OUTPUTS if f in out_features]
+        self._out_feature_channels = {f: getattr(self, _OUTPUTS[f][0]).out_channels
+                                      for f in self._out_features}
+        self._out_feature_strides = {f: _OUTPUTS[f][1] for f in self._out_features}
 
     @staticmethod
     def _pool(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -153,8 +165,8 @@ class VGG16SSD(Backbone):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Args: x (N, C, H, W), normalised images. Returns: {feature name: (N, C_f, H_f, W_f)}
-        for conv4_3 (after L2Norm), fc7, conv8_2, conv9_2, conv10_2, conv11_2."""
-        by_layer = {layer: f for f, (layer, _) in _OUTPUTS.items()}
+        for conv4_3 (after L2Norm), fc7, conv8_2, conv9_2, conv10_2, conv11_2 (those built)."""
+        by_layer = {_OUTPUTS[f][0]: f for f in self._out_features}
         out: Dict[str, torch.Tensor] = {}
         for kind, name, sc in self._plan:
             if kind == "pool":
@@ -177,7 +189,8 @@ class VGG16SSD(Backbone):
 
 @BACKBONE_REGISTRY.register()
 def build_vgg16_ssd_backbone(cfg, input_shape: ShapeSpec) -> VGG16SSD:
-    """VGG16 + SSD extras from ``MODEL.VGG.*`` (see :class:`VGG16SSD`).
+    """VGG16 + SSD extras from ``MODEL.VGG.*`` (see :class:`VGG16SSD`), built up to the last of
+    ``MODEL.SSD.IN_FEATURES`` (all six when none of them is a VGG16SSD output).
 
     Args:
         cfg: config with aqd_d2's keys.
@@ -186,5 +199,6 @@ def build_vgg16_ssd_backbone(cfg, input_shape: ShapeSpec) -> VGG16SSD:
         the backbone.
     """
     v = cfg.MODEL.VGG
+    wanted = [f for f in _OUTPUTS if f in cfg.MODEL.SSD.IN_FEATURES] or None
     return VGG16SSD(input_shape.channels, v.WIDTH_MULT, v.NORM, v.ACTIVATION, v.SHORTCUT,
-                    v.DOWNSAMPLE, v.L2NORM_SCALE)
+                    v.DOWNSAMPLE, v.L2NORM_SCALE, wanted)
