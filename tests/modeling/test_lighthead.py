@@ -204,3 +204,16 @@ def test_lighthead_with_bidet_objective_has_gaussian_ib_and_sop_losses():
         a = model(tiny_batch(1, with_gt=False))[0]["instances"]
         b = model(tiny_batch(1, with_gt=False))[0]["instances"]
     assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)  # deterministic features in eval
+
+
+def test_freeze_at_freezes_the_first_blocks():
+    from detectron2.layers import FrozenBatchNorm2d
+
+    m = ShuffleNetV2(0.5, ["conv5"], freeze_at=2)
+    assert not any(p.requires_grad for p in m.stem.parameters())
+    assert not any(p.requires_grad for p in m.stage2.parameters())
+    assert all(p.requires_grad for p in m.stage3.parameters())
+    assert isinstance(m.stage2[0].branch_main[0].norm, FrozenBatchNorm2d)
+    assert isinstance(m.stage3[0].branch_main[0].norm, torch.nn.BatchNorm2d)
+    with pytest.raises(ConfigError, match="MODEL.SHUFFLENETV2.OUT_FEATURES"):
+        build_model(load_test_config(CPU_FP, ["MODEL.SHUFFLENETV2.OUT_FEATURES", "['res4']"]))
