@@ -32,7 +32,7 @@ import logging
 from typing import Dict, Iterator, List, Optional
 
 import torch
-from detectron2.engine import HookBase
+from detectron2.engine import HookBase, TrainerBase
 from detectron2.utils import comm
 from torch import nn
 
@@ -172,9 +172,19 @@ class BiDetGANLoop(AQDTrainLoop):
 
 class LoopStateHook(HookBase):
     """Checkpoints the training loop's own state (GAN optimizers, ...) through detectron2
-    0.6's hook-state mechanism (``TrainerBase.state_dict`` saves every hook's state_dict)."""
+    0.6's hook-state mechanism (``TrainerBase.state_dict`` saves every hook's state_dict).
+
+    Idle (empty state, which TrainerBase skips) when the trainer's class defines its own
+    ``state_dict`` (newer detectron2, or an aqd_d2 Trainer that saves the loop as
+    ``"_trainer"``), so the loop state is never saved twice."""
+
+    def _trainer_saves_loop(self) -> bool:
+        return "state_dict" in {k for c in self.trainer.__class__.__mro__[:-1]
+                                if c is not TrainerBase for k in vars(c)}
 
     def state_dict(self) -> dict:
+        if self._trainer_saves_loop():
+            return {}
         return {"loop": self.trainer._trainer.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:

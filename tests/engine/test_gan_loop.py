@@ -6,6 +6,7 @@ import itertools
 import torch
 
 from detectron2.modeling import build_model
+from detectron2.engine import TrainerBase
 from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage
 
@@ -66,13 +67,21 @@ def test_each_substep_updates_only_its_parameters():
     assert not any(p.requires_grad for p in est.parameters())
 
 
-def test_loop_state_dict_round_trip():
+def test_loop_state_round_trip_through_hook_state():
+    """detectron2 0.6's TrainerBase saves hook states only: LoopStateHook carries the loop's."""
     loop, _, _ = _loop()
     with EventStorage(0):
         loop.run_step()
-    state = loop.state_dict()
+    src = TrainerBase()
+    src._trainer = loop
+    src.register_hooks([LoopStateHook()])
+    state = src.state_dict()
+    assert "gan" in state["hooks"]["LoopStateHook"]["loop"]
     other, _, _ = _loop()
-    other.load_state_dict(state)
+    dst = TrainerBase()
+    dst._trainer = other
+    dst.register_hooks([LoopStateHook()])
+    dst.load_state_dict(state)
     for a, b in ((loop.d_optimizer, other.d_optimizer), (loop.g_optimizer, other.g_optimizer)):
         sa, sb = a.state_dict()["state"], b.state_dict()["state"]
         assert sa.keys() == sb.keys() and len(sa) > 0
