@@ -21,6 +21,12 @@ def add_config(cfg: CN) -> None:
     _C.AQD.NONFINITE.MAX_SKIPS = 10
     # Also check the gradients after backward (one norm per step) under the same policy.
     _C.AQD.NONFINITE.CHECK_GRADS = False
+    # Resumed runs continue exactly like uninterrupted ones: the train loader skips the
+    # batches consumed before the checkpoint (aqd_d2.data.resumable_loader; augmentation
+    # randomness is a function of the sample's position) and the global RNGs are reseeded
+    # from (seed, rank, iteration) before every iteration (aqd_d2.engine.step_seed). False:
+    # detectron2's train loader, whose stream restarts from its beginning on resume.
+    _C.AQD.EXACT_RESUME = True
     _C.AQD.BAD_INPUT = CN()
     # What an image that cannot be read or used (missing, truncated/corrupt file, size
     # differing from the annotation) does in the train/test loaders: "raise" stops with an
@@ -38,6 +44,8 @@ def validate(cfg: CN) -> None:
     if not isinstance(cfg.AQD.NONFINITE.CHECK_GRADS, bool):
         raise ConfigError(f"AQD.NONFINITE.CHECK_GRADS = {cfg.AQD.NONFINITE.CHECK_GRADS!r}: "
                           "must be True or False")
+    if not isinstance(cfg.AQD.EXACT_RESUME, bool):
+        raise ConfigError(f"AQD.EXACT_RESUME = {cfg.AQD.EXACT_RESUME!r}: must be True or False")
     check_choice(cfg, "AQD.BAD_INPUT.POLICY", {"raise", "skip"})
     _check_int(cfg, "AQD.BAD_INPUT.MAX_SKIPS")
 

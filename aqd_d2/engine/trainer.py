@@ -11,8 +11,10 @@ import logging
 import os
 from typing import Optional
 
+import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
+from detectron2.utils import comm
 from detectron2.evaluation import (
     COCOEvaluator,
     DatasetEvaluator,
@@ -21,14 +23,21 @@ from detectron2.evaluation import (
 )
 
 from .. import compat
-from ..data.mappers import build_aqd_train_loader
+from ..data.mappers import build_aqd_test_loader, build_aqd_train_loader
 from .checkpoint import AQDCheckpointer
+from .python_state import collect_python_state, restore_python_state
 from .stage_hook import build_aqd_hooks
+from .step_seed import StepSeedHook
 from .train_loop import build_train_loop
 
 __all__ = ["Trainer", "build_evaluator"]
 
 logger = logging.getLogger(__name__)
+
+# detectron2 0.6's DefaultTrainer checkpoints only the iteration and hook states (scheduler),
+# not the optimizer: Trainer adds the loop's state (optimizer, non-finite counters) itself
+# unless the installed detectron2 does.
+_D2_SAVES_LOOP = "state_dict" in DefaultTrainer.__dict__
 
 
 def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
@@ -80,13 +89,52 @@ class Trainer(DefaultTrainer):
             t = self._trainer
             self._trainer = build_train_loop(self.cfg, t.model, t.data_loader, t.optimizer,
                                              data_iter=t._data_loader_iter)
-        # aqd_d2's hooks (stage-wise binarization, ...) run before detectron2's defaults.
-        return build_aqd_hooks(self.cfg, self) + super().build_hooks()
+        # aqd_d2's hooks (stage-wise binarization, ...) run before detectron2's defaults;
+        # the per-iteration reseeding (exact resume) first of all.
+        first = []
+        if self.cfg.AQD.EXACT_RESUME:
+            seed = self.cfg.SEED if self.cfg.SEED >= 0 else comm.shared_random_seed()
+            first.append(StepSeedHook(seed))
+        return first + build_aqd_hooks(self.cfg, self) + super().build_hooks()
+
+    def train(self):
+        """DefaultTrainer.train; under ``AQD.EXACT_RESUME`` without TorchScript's executor
+        optimisations: detectron2's losses call scripted functions (fvcore's focal loss,
+        Box2BoxTransform) whose optimised graphs (built after the first calls in a process,
+        with their own symbolic gradients) round differently from the first, unoptimised
+        calls, so a resumed process would differ from an uninterrupted one in the last bits."""
+        if not self.cfg.AQD.EXACT_RESUME:
+            return super().train()
+        with torch.jit.optimized_execution(False):
+            return super().train()
+
+    def state_dict(self) -> dict:
+        """detectron2's trainer state + the loop's (optimizer, ...) + the loader position."""
+        ret = super().state_dict()
+        if not _D2_SAVES_LOOP:
+            ret["_trainer"] = self._trainer.state_dict()
+        if hasattr(self.data_loader, "state_dict"):
+            ret["data_loader"] = self.data_loader.state_dict()
+        ret["model_python_state"] = collect_python_state(self.model)  # EMA loss normalisers
+        return ret
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if not _D2_SAVES_LOOP and "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        if "data_loader" in state_dict and hasattr(self.data_loader, "load_state_dict"):
+            self.data_loader.load_state_dict(state_dict["data_loader"])
+        restore_python_state(self.model, state_dict.get("model_python_state", {}))
 
     @classmethod
     def build_train_loader(cls, cfg):
         """detectron2's train loader with the mapper named by ``INPUT.TRAIN_MAPPER``."""
         return build_aqd_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's test loader; bad images named or skipped (``AQD.BAD_INPUT``)."""
+        return build_aqd_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
