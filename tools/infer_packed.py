@@ -7,6 +7,10 @@ the detections into one PNG.
     python tools/infer_packed.py --config-file ... --packed model.packed \
         --dataset aqd_shapes_val --num-images 6 --output detections.png   # with ground truth
 
+``--int8 auto`` times each k-bit layer on the int8 GEMM path against float on the first
+image and keeps the faster (:mod:`aqd_d2.export.routing`); ``on`` (default) uses int8 for every
+qualifying layer, ``off`` none.
+
 Images are resized as at test time (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST); boxes are drawn in
 the original image. Class names come from the dataset's metadata (``--dataset``, else the
 config's first DATASETS.TEST entry, else class ids).
@@ -48,6 +52,9 @@ def main(argv=None) -> int:
     p.add_argument("--output", default="detections.png")
     p.add_argument("--score-thresh", type=float, default=0.3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--int8", choices=["on", "off", "auto"], default="on",
+                   help="k-bit layers: int8 GEMM (on), frozen fake-quant float (off), or per layer "
+                        "whichever is measured faster on the first image (auto)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = p.parse_args(argv)
     if args.threads:
@@ -56,10 +63,6 @@ def main(argv=None) -> int:
     aqd_d2.add_aqd_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + list(args.opts))
-    model, report = load_for_inference(build_model(cfg), args.packed)
-    kinds = {k: report.count(k) for k in ("binary", "int8", "fake-quant weight frozen")}
-    print(f"loaded {args.packed}: deployed layers {kinds}")
-
     records = [{"file_name": f} for f in args.input]
     if args.dataset:
         records += DatasetCatalog.get(args.dataset)[: args.num_images]
@@ -67,12 +70,25 @@ def main(argv=None) -> int:
         p.error("give --input images or --dataset")
     names_from = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
     aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-    tiles, seconds = [], []
-    for rec in records:
+
+    def load(rec):
         image = read_image(rec["file_name"], format=cfg.INPUT.FORMAT)
-        h, w = image.shape[:2]
         resized = aug.get_transform(image).apply_image(image)
         tensor = torch.as_tensor(np.ascontiguousarray(resized.astype("float32").transpose(2, 0, 1)))
+        return image, tensor
+
+    int8 = {"on": True, "off": False, "auto": "auto"}[args.int8]
+    example = None
+    if int8 == "auto":
+        image, tensor = load(records[0])
+        example = [{"image": tensor, "height": image.shape[0], "width": image.shape[1]}]
+    model, report = load_for_inference(build_model(cfg), args.packed, int8=int8, example_inputs=example)
+    kinds = {k: report.count(k) for k in ("binary", "int8", "fake-quant weight frozen")}
+    print(f"loaded {args.packed}: deployed layers {kinds}")
+    tiles, seconds = [], []
+    for rec in records:
+        image, tensor = load(rec)
+        h, w = image.shape[:2]
         t = time.perf_counter()
         with torch.no_grad():
             inst = model([{"image": tensor, "height": h, "width": w}])[0]["instances"].to("cpu")
