@@ -19,6 +19,7 @@ registered as ``"SSD"`` (build it through "QuantizedDetector" with
 
 Subclasses (e.g. BiDet) override the pieces: :meth:`forward_training`, :meth:`label_default_boxes`
 (per-image matched labels and boxes), :meth:`hard_negative_mining`, :meth:`losses`,
+:meth:`box_deltas` (which of the head's ``box_dim`` outputs are the box deltas),
 :meth:`inference_single_image`; the head is ``self.head`` (:class:`SSDHead`).
 """
 from __future__ import annotations
@@ -195,6 +196,17 @@ class SSD(DenseDetector):
             boxes_out.append(inst.gt_boxes.tensor[idx])
         return labels_out, boxes_out
 
+    def box_deltas(self, box_outputs: Tensor) -> Tensor:
+        """The 4 box deltas among the ``box_dim`` outputs per default box (SSD: all of them;
+        a subclass predicting more, e.g. means and variances, picks the means here).
+
+        Args:
+            box_outputs: (..., box_dim).
+        Returns:
+            (..., 4).
+        """
+        return box_outputs[..., :4]
+
     def hard_negative_mining(self, cls_loss: Tensor, positive: Tensor) -> Tensor:
         """SSD hard negative mining (sec. 2.2): per image, the ``neg_pos_ratio * n_pos``
         negatives (at most all of them) with the highest classification loss.
@@ -221,13 +233,13 @@ class SSD(DenseDetector):
             anchors: per-level default boxes.
             pred_logits: per-level (N, R_k, K + 1).
             gt_labels: per-image (R,).
-            pred_deltas: per-level (N, R_k, box_dim); the first 4 are the box deltas.
+            pred_deltas: per-level (N, R_k, box_dim); :meth:`box_deltas` picks the 4 deltas.
             gt_boxes: per-image (R, 4).
         Returns:
             {"loss_cls": L_conf / N, "loss_box_reg": alpha L_loc / N}.
         """
         logits = cat(pred_logits, dim=1)  # (N, R, K+1)
-        deltas = cat(pred_deltas, dim=1)[..., :4]
+        deltas = self.box_deltas(cat(pred_deltas, dim=1))
         labels = torch.stack(gt_labels)  # (N, R)
         positive = labels != self.num_classes
         n = max(float(positive.sum()), 1.0)
@@ -249,7 +261,7 @@ class SSD(DenseDetector):
             list(predictions), [self.num_classes + 1, self.head.box_dim])
         anchors = Boxes.cat(self.default_boxes(features))
         return [self.inference_single_image(anchors, cat([x[i] for x in logits]),
-                                            cat([x[i] for x in deltas])[:, :4])
+                                            self.box_deltas(cat([x[i] for x in deltas])))
                 for i in range(len(images))]
 
     def inference_single_image(self, anchors: Boxes, logits: Tensor, deltas: Tensor) -> Instances:
