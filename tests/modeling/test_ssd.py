@@ -328,3 +328,22 @@ def test_backbones_stop_after_the_last_used_feature_for_small_inputs():
     assert set(vgg.output_shape()) == set(v) and set(mob.output_shape()) == set(m)
     with pytest.raises(ValueError, match="conv12_2"):
         VGG16SSD(out_features=["conv12_2"])
+
+
+def test_mobilenet_ssd_config_has_2268_default_boxes():
+    model = build_model(load_test_config("configs/SSD/MobileNetV1-VOC-FP.yaml", narrow=True)).eval()
+    with torch.no_grad():
+        feats = model.backbone(torch.zeros(1, 3, 300, 300))
+    boxes = model.default_boxes([feats[f] for f in model.head_in_features])
+    assert [b.tensor.shape[0] for b in boxes] == [19 * 19 * 4, 100 * 6, 25 * 6, 9 * 6, 4 * 4, 4]
+    assert sum(len(b) for b in boxes) == 2268
+
+
+@pytest.mark.parametrize("key,value", [("MODEL.SSD.STEPS", "[8.0]"),
+                                       ("MODEL.SSD.ASPECT_RATIOS", "[[0.5], [2.0], [2.0], [2.0], [2.0], [2.0]]"),
+                                       ("MODEL.SSD.NEG_POS_RATIO", "-1.0"),
+                                       ("MODEL.VGG.ACTIVATION", "'tanh'"),
+                                       ("MODEL.SSD.IN_FEATURES", "['conv4_3', 'res5', 'conv8_2', 'conv9_2', 'conv10_2', 'conv11_2']")])
+def test_bad_ssd_values_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=key.split(".")[-1]):
+        build_model(ssd_cfg(key, value))
