@@ -19,6 +19,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from aqd_d2.config import ConfigError, add_aqd_config, validate_aqd_config
 from aqd_d2.engine import AQDCheckpointer, Trainer, launch
@@ -47,6 +48,9 @@ def setup(args):
     validate_aqd_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)
+    # detectron2's default_setup logs only the "detectron2" and "fvcore" loggers; aqd_d2's own
+    # messages (conversion report, pruning, stage switches, skipped steps) go to log.txt too.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="aqd_d2", abbrev_name="aqd")
     return cfg
 
 
