@@ -121,6 +121,9 @@ class BiDetROIHeads(StandardROIHeads):
     def __init__(self, *, sop: str = "sop", gamma: float = 0.2, sop_detach_norm: bool = False,
                  **kwargs):
         super().__init__(**kwargs)
+        if self.mask_on or self.keypoint_on:
+            raise ValueError("BiDetROIHeads predicts boxes only: set MODEL.MASK_ON and "
+                             "MODEL.KEYPOINT_ON to False")
         self.sop = sop
         self.gamma = float(gamma)
         self.sop_detach_norm = bool(sop_detach_norm)

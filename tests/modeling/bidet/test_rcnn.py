@@ -105,3 +105,5 @@ def test_bad_values_name_the_key():
         _model(AUTO, extra=["AQD.TRAIN_LOOP", "AQDTrainLoop"])
     with pytest.raises(ConfigError, match="MODEL.BIDET.AUTO.IN_FEATURE"):
         _model(AUTO, extra=["MODEL.BIDET.AUTO.IN_FEATURE", "res9"])
+    with pytest.raises(ValueError, match="MODEL.MASK_ON"):
+        _model(extra=["MODEL.MASK_ON", "True"])
