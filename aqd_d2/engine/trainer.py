@@ -68,6 +68,18 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
     )
 
 
+def _broadcast_buffers_from_rank0(model) -> None:
+    """Copy rank 0's floating-point/integer buffers to every rank (no-op in one process)."""
+    if comm.get_world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    module = model.module if hasattr(model, "module") else model
+    for buf in module.buffers():
+        if buf.dtype != torch.bool:
+            dist.broadcast(buf.data, src=0)
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer + evaluator selection (see :func:`build_evaluator`) + atomic,
     validated checkpoints (:class:`~aqd_d2.engine.checkpoint.AQDCheckpointer`)."""
@@ -130,6 +142,18 @@ class Trainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         """detectron2's train loader with the mapper named by ``INPUT.TRAIN_MAPPER``."""
         return build_aqd_train_loader(cfg)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """DefaultTrainer.test; with several processes every rank first takes rank 0's buffers.
+
+        detectron2 wraps the model in DDP without buffer broadcasting, so BN running
+        statistics are rank-local: each rank would evaluate its shard of the test set with a
+        different model, and the gathered result would match no checkpoint (rank 0 saves its
+        own). Training is unaffected (train-mode BN normalises by batch statistics).
+        """
+        _broadcast_buffers_from_rank0(model)
+        return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
