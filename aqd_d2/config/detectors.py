@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode as CN
 
-from .checks import ConfigError, check_choice  # noqa: F401
+from .checks import ConfigError, check_choice, get_key  # noqa: F401
 
 
 def add_config(cfg: CN) -> None:
@@ -76,9 +76,7 @@ def validate(cfg: CN) -> None:
     if f.CENTER_SAMPLING_RADIUS < 0:
         raise ConfigError(f"MODEL.FCOS.CENTER_SAMPLING_RADIUS = {f.CENTER_SAMPLING_RADIUS}: use >= 0 (0 = off)")
     for key in ("MODEL.FCOS.NUM_CONVS", "MODEL.FCOS.NUM_CLASSES"):
-        node = cfg
-        for part in key.split("."):
-            node = node[part]
+        node = get_key(cfg, key)
         if int(node) < 1:
             raise ConfigError(f"{key} = {node}: must be >= 1")
     if not 0.0 < f.PRIOR_PROB < 1.0:

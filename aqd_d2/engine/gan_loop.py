@@ -37,16 +37,13 @@ from detectron2.utils import comm
 from torch import nn
 
 from aqd_d2.modeling.bidet.estimator import ComplexityEstimator, trainable
+from aqd_d2.utils import unwrap_model
 
 from .train_loop import TRAIN_LOOP_REGISTRY, AQDTrainLoop
 
 __all__ = ["BiDetGANLoop", "LoopStateHook", "build_loop_state_hooks", "find_estimator"]
 
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 def find_estimator(model: nn.Module) -> ComplexityEstimator:
@@ -56,7 +53,7 @@ def find_estimator(model: nn.Module) -> ComplexityEstimator:
         ValueError: the model has none (MODEL.BIDET.AUTO.ENABLED is False or the
             meta-architecture is not a BiDet one).
     """
-    est = getattr(getattr(_unwrap(model), "bidet", None), "estimator", None)
+    est = getattr(getattr(unwrap_model(model), "bidet", None), "estimator", None)
     if not isinstance(est, ComplexityEstimator):
         raise ValueError("AQD.TRAIN_LOOP = 'BiDetGANLoop' needs a BiDet detector with "
                          "MODEL.BIDET.AUTO.ENABLED True (it has no complexity estimator)")
@@ -131,7 +128,7 @@ class BiDetGANLoop(AQDTrainLoop):
         Returns:
             the float GAN losses of the last D step and of the G step (for logging).
         """
-        f, real = _unwrap(self.model).estimator_inputs(data)
+        f, real = unwrap_model(self.model).estimator_inputs(data)
         out: Dict[str, float] = {}
         if self.d_optimizer is not None:
             for _ in range(self.d_steps):

@@ -14,21 +14,19 @@ from typing import Dict
 
 from torch import nn
 
+from aqd_d2.utils import unwrap_model
+
 __all__ = ["PYTHON_STATE_PREFIXES", "collect_python_state", "restore_python_state"]
 
 #: attribute-name prefixes of per-module Python training state (detectron2's EMA normalisers)
 PYTHON_STATE_PREFIXES = ("loss_normalizer",)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 def collect_python_state(model: nn.Module) -> Dict[str, float]:
     """``{"<module name>.<attribute>": value}`` for every numeric attribute named by
     :data:`PYTHON_STATE_PREFIXES` on any submodule (a DDP wrapper is looked through)."""
     out: Dict[str, float] = {}
-    for name, module in _unwrap(model).named_modules():
+    for name, module in unwrap_model(model).named_modules():
         for attr, value in vars(module).items():
             if (attr.startswith(PYTHON_STATE_PREFIXES) and isinstance(value, (int, float))
                     and not isinstance(value, bool)):
@@ -38,7 +36,7 @@ def collect_python_state(model: nn.Module) -> Dict[str, float]:
 
 def restore_python_state(model: nn.Module, state: Dict[str, float]) -> None:
     """Set the attributes saved by :func:`collect_python_state` (unknown modules: KeyError)."""
-    modules = dict(_unwrap(model).named_modules())
+    modules = dict(unwrap_model(model).named_modules())
     for key, value in state.items():
         name, _, attr = key.rpartition(".")
         if name not in modules:

@@ -23,6 +23,7 @@ from detectron2.evaluation import (
 )
 
 from .. import compat
+from ..utils import unwrap_model
 from ..data.mappers import build_aqd_test_loader, build_aqd_train_loader
 from .checkpoint import AQDCheckpointer
 from .python_state import collect_python_state, restore_python_state
@@ -74,7 +75,7 @@ def _broadcast_buffers_from_rank0(model) -> None:
         return
     import torch.distributed as dist
 
-    module = model.module if hasattr(model, "module") else model
+    module = unwrap_model(model)
     for buf in module.buffers():
         if buf.dtype != torch.bool:
             dist.broadcast(buf.data, src=0)

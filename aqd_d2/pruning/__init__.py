@@ -8,8 +8,7 @@ from .filters import (
     lowest_norm_mask,
     num_pruned_filters,
     select_prunable_layers,
-    unwrap,
 )
 
 __all__ = ["apply_filter_masks", "coupled_masks", "filter_norms", "lowest_norm_mask",
-           "num_pruned_filters", "select_prunable_layers", "unwrap"]
+           "num_pruned_filters", "select_prunable_layers"]

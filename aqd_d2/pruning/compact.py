@@ -29,7 +29,7 @@ from torch import nn
 
 from aqd_d2.convert import replace_module_references
 
-from .filters import unwrap
+from aqd_d2.utils import unwrap_model
 
 __all__ = ["remove_pruned_channels", "masks_from_checkpoint"]
 
@@ -121,7 +121,7 @@ def remove_pruned_channels(model: nn.Module, masks: Dict[str, torch.Tensor],
         ValueError: a rule names a missing module, a depthwise consumer is not masked with its
             producer, or a layer cannot lose channels (GroupNorm, quantized, grouped).
     """
-    model = unwrap(model)
+    model = unwrap_model(model)
     modules = dict(model.named_modules())
     out_keep: Dict[str, torch.Tensor] = {}
     in_keep: Dict[str, torch.Tensor] = {}

@@ -17,10 +17,11 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+
+from aqd_d2.utils import unwrap_model
 
 __all__ = ["filter_norms", "num_pruned_filters", "lowest_norm_mask", "select_prunable_layers",
-           "coupled_masks", "apply_filter_masks", "unwrap"]
+           "coupled_masks", "apply_filter_masks"]
 
 
 def filter_norms(weight: torch.Tensor, p: int) -> torch.Tensor:
@@ -79,10 +80,6 @@ def lowest_norm_mask(weight: torch.Tensor, n_pruned: int, p: int) -> torch.Tenso
     return keep
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def select_prunable_layers(model: nn.Module, layers: Sequence[str],
                            exclude: Sequence[str] = ()) -> List[Tuple[str, nn.Conv2d]]:
     """The conv layers whose names match a ``layers`` regex and no ``exclude`` regex.
@@ -97,7 +94,7 @@ def select_prunable_layers(model: nn.Module, layers: Sequence[str],
     """
     inc = [re.compile(r) for r in layers]
     exc = [re.compile(r) for r in exclude]
-    out = [(n, m) for n, m in unwrap(model).named_modules()
+    out = [(n, m) for n, m in unwrap_model(model).named_modules()
            if isinstance(m, nn.Conv2d) and any(r.search(n) for r in inc)
            and not any(r.search(n) for r in exc)]
     if not out:
@@ -120,7 +117,7 @@ def coupled_masks(model: nn.Module, masks: Dict[str, torch.Tensor],
     Raises:
         ValueError: the coupled conv does not exist or has another number of filters.
     """
-    modules = dict(unwrap(model).named_modules())
+    modules = dict(unwrap_model(model).named_modules())
     out: Dict[str, torch.Tensor] = {}
     for rule in rules:
         pattern, repl = rule.split("=>")
@@ -149,7 +146,7 @@ def apply_filter_masks(model: nn.Module, masks: Dict[str, torch.Tensor],
         masks: conv name -> (N,) bool mask, True = kept.
         prune_norm: also zero the norm layer's weight and bias of pruned channels.
     """
-    modules = dict(unwrap(model).named_modules())
+    modules = dict(unwrap_model(model).named_modules())
     for name, keep in masks.items():
         conv = modules.get(name)
         if conv is None:
