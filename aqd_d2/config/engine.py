@@ -20,17 +20,39 @@ def add_config(cfg: CN) -> None:
     # Training dataset mapper (aqd_d2.data.mappers.TRAIN_MAPPER_REGISTRY): "DatasetMapper" is
     # detectron2's; SSD registers its augmentation mapper.
     _C.INPUT.TRAIN_MAPPER = "DatasetMapper"
+    # Detector optimizer built by aqd_d2's Trainer (aqd_d2.engine.optimizer): "SGD"
+    # (detectron2's: MOMENTUM, NESTEROV), "Adam" (BiDet / AutoBiDet, paper 000 sec. 4.1) or
+    # "AdamW". detectron2's own DefaultTrainer ignores this key and always builds SGD.
+    _C.SOLVER.OPTIMIZER = "SGD"
+    # Adam / AdamW (beta1, beta2) and epsilon; ignored by SGD.
+    _C.SOLVER.ADAM_BETAS = (0.9, 0.999)
+    _C.SOLVER.ADAM_EPS = 1e-8
 
 
 def validate(cfg: CN) -> None:
-    """Check AQD.EVALUATOR and MODEL.DEVICE."""
+    """Check AQD.EVALUATOR, AQD.TRAIN_LOOP, INPUT.TRAIN_MAPPER, SOLVER.OPTIMIZER / ADAM_* and MODEL.DEVICE."""
     check_choice(cfg, "AQD.EVALUATOR", {"auto", "coco", "pascal_voc", "none"})
     from ..data.mappers import TRAIN_MAPPER_REGISTRY
     from ..engine.train_loop import TRAIN_LOOP_REGISTRY
 
     check_choice(cfg, "AQD.TRAIN_LOOP", [k for k, _ in TRAIN_LOOP_REGISTRY])
     check_choice(cfg, "INPUT.TRAIN_MAPPER", [k for k, _ in TRAIN_MAPPER_REGISTRY])
+    _validate_optimizer(cfg)
     _validate_device(cfg)
+
+
+def _validate_optimizer(cfg: CN) -> None:
+    from ..engine.optimizer import OPTIMIZERS
+
+    check_choice(cfg, "SOLVER.OPTIMIZER", OPTIMIZERS)
+    betas = cfg.SOLVER.ADAM_BETAS
+    if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+        raise ConfigError(f"SOLVER.ADAM_BETAS = {betas!r}; expected two numbers in [0, 1), "
+                          "e.g. (0.9, 0.999)")
+    eps = cfg.SOLVER.ADAM_EPS
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ConfigError(f"SOLVER.ADAM_EPS = {eps!r}; expected a positive number, e.g. 1e-8")
 
 
 def _validate_device(cfg: CN) -> None:

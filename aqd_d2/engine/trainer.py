@@ -1,9 +1,11 @@
 """aqd_d2's Trainer: detectron2's DefaultTrainer with evaluators chosen from the dataset.
 
 Everything a model needs is built through detectron2's registries, so the stock
-``DefaultTrainer`` trains every aqd_d2 detector too; this subclass only adds what
-DefaultTrainer leaves abstract (``build_evaluator``) and works without detectron2's compiled
-ops (plain pycocotools COCOeval when ``detectron2._C`` is absent).
+``DefaultTrainer`` trains every aqd_d2 detector too; this subclass adds what DefaultTrainer
+leaves abstract (``build_evaluator``), the optimizer choice ``SOLVER.OPTIMIZER`` (SGD / Adam /
+AdamW; DefaultTrainer always builds SGD), the training loop / mapper registries, exact resume,
+and works without detectron2's compiled ops (plain pycocotools COCOeval when
+``detectron2._C`` is absent).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from .. import compat
 from ..utils import unwrap_model
 from ..data.mappers import build_aqd_test_loader, build_aqd_train_loader
 from .checkpoint import AQDCheckpointer
+from .optimizer import build_optimizer as _build_optimizer
 from .python_state import collect_python_state, restore_python_state
 from .stage_hook import build_aqd_hooks
 from .step_seed import StepSeedHook
@@ -138,6 +141,11 @@ class Trainer(DefaultTrainer):
         if "data_loader" in state_dict and hasattr(self.data_loader, "load_state_dict"):
             self.data_loader.load_state_dict(state_dict["data_loader"])
         restore_python_state(self.model, state_dict.get("model_python_state", {}))
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """The optimizer named by ``SOLVER.OPTIMIZER`` (:mod:`aqd_d2.engine.optimizer`)."""
+        return _build_optimizer(cfg, model)
 
     @classmethod
     def build_train_loader(cls, cfg):

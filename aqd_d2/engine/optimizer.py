@@ -1,0 +1,56 @@
+"""The detector's optimizer, chosen by ``SOLVER.OPTIMIZER``.
+
+detectron2 0.6's ``build_optimizer`` always builds SGD. BiDet and AutoBiDet train their
+binary detectors with Adam (paper 000 sec. 4.1: "the Adam optimizer was applied", learning
+rate 1e-3, decayed 10x at epochs 40 and 60 of 80 on VOC), so :class:`~aqd_d2.engine.Trainer`
+builds the optimizer here:
+
+* ``"SGD"``: exactly detectron2's (``SOLVER.MOMENTUM``, ``SOLVER.NESTEROV``);
+* ``"Adam"``: ``torch.optim.Adam`` with ``SOLVER.ADAM_BETAS`` / ``SOLVER.ADAM_EPS`` and
+  ``SOLVER.WEIGHT_DECAY`` as an L2 term in the gradient (PyTorch's Adam);
+* ``"AdamW"``: the same with decoupled weight decay.
+
+Parameter groups are detectron2's ``get_default_optimizer_params`` (``BASE_LR``,
+``WEIGHT_DECAY_NORM``, ``BIAS_LR_FACTOR``, ``WEIGHT_DECAY_BIAS``; parameters without
+``requires_grad`` are left out), gradient clipping is detectron2's
+``maybe_add_gradient_clipping`` (``SOLVER.CLIP_GRADIENTS``), and detectron2's LR schedulers
+drive every choice. detectron2's own ``DefaultTrainer`` does not read ``SOLVER.OPTIMIZER``
+(it always builds SGD): use :class:`~aqd_d2.engine.Trainer` (``train_net.py``) or call
+:func:`build_optimizer` from your trainer's ``build_optimizer``.
+"""
+from __future__ import annotations
+
+import torch
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from torch import nn
+
+__all__ = ["OPTIMIZERS", "build_optimizer"]
+
+#: the values of SOLVER.OPTIMIZER
+OPTIMIZERS = ("SGD", "Adam", "AdamW")
+
+
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.SOLVER.OPTIMIZER`` over ``model``'s trainable parameters.
+
+    Args:
+        cfg: a config with aqd_d2's keys (``add_aqd_config``).
+        model: the detector (DDP-wrapped or not).
+    Returns:
+        ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` (with detectron2's gradient clipping when
+        ``SOLVER.CLIP_GRADIENTS.ENABLED``).
+    """
+    s = cfg.SOLVER
+    name = s.OPTIMIZER
+    params = get_default_optimizer_params(
+        model, base_lr=s.BASE_LR, weight_decay_norm=s.WEIGHT_DECAY_NORM,
+        bias_lr_factor=s.BIAS_LR_FACTOR, weight_decay_bias=s.WEIGHT_DECAY_BIAS)
+    if name == "SGD":
+        cls, extra = torch.optim.SGD, {"momentum": s.MOMENTUM, "nesterov": s.NESTEROV}
+    elif name in ("Adam", "AdamW"):
+        cls = torch.optim.Adam if name == "Adam" else torch.optim.AdamW
+        extra = {"betas": tuple(float(b) for b in s.ADAM_BETAS), "eps": float(s.ADAM_EPS)}
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER = {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+    return maybe_add_gradient_clipping(cfg, cls)(params, lr=s.BASE_LR, weight_decay=s.WEIGHT_DECAY,
+                                                 **extra)
