@@ -14,6 +14,7 @@ from .checks import ConfigError, check_choice, check_range  # noqa: F401
 
 FEATURE_PRIORS = ("binomial", "categorical", "gaussian")
 SOP_MODES = ("none", "sop", "csop", "csop_no_nc")
+RPN_PRIORS = ("rpn", "standard")
 TRANSFORMS = ("linear", "exponential", "sine")
 ESTIMATORS = ("gan", "beta_vae", "random_uniform", "random_beta")
 G_LOSSES = ("minimax", "non_saturating")
@@ -58,6 +59,11 @@ def add_config(cfg: CN) -> None:
     _C.MODEL.BIDET.WARMUP_UNTIL_FIRST_DECAY = False
     # Clamp of the predicted log-variance of the location posteriors (numerical safety).
     _C.MODEL.BIDET.LOGVAR_CLAMP = 10.0
+    # Location prior p(l) of two-stage detectors (BiDetROIHeads): "rpn" (paper 000 sec. 3.1.3,
+    # "parameterized by RPN": N(0, RPN-predicted variance) in proposal coordinates; needs
+    # MODEL.PROPOSAL_GENERATOR.NAME "BiDetRPN" and MODEL.RPN.HEAD_NAME "BiDetRPNHead", which
+    # learn the variance by maximum likelihood, loss_rpn_logvar) or "standard" (N(0, I)).
+    _C.MODEL.BIDET.RPN_PRIOR = "rpn"
 
     # AutoBiDet (paper 000 sec. 3.2): per-image beta = T(s), s from the complexity estimator.
     _C.MODEL.BIDET.AUTO = CN()
@@ -110,6 +116,7 @@ def validate(cfg: CN) -> None:
     check_range(cfg, b + "WARMUP_ITERS", 0)
     check_choice(cfg, b + "WARMUP_UNTIL_FIRST_DECAY", (True, False))
     check_range(cfg, b + "LOGVAR_CLAMP", 0.0, lo_open=True)
+    check_choice(cfg, b + "RPN_PRIOR", RPN_PRIORS)
     a = b + "AUTO."
     check_choice(cfg, a + "ENABLED", (True, False))
     check_choice(cfg, a + "TRANSFORM", TRANSFORMS)

@@ -2,8 +2,9 @@
 class / location information terms, sparse object priors (SOP, C-SOP), the complexity
 estimator with the eq. 10 beta transforms, and the detectors that use them.
 
-Importing registers ``BiDetRCNN`` and ``BiDetSSD`` (META_ARCH_REGISTRY) and ``BiDetROIHeads``
-(ROI_HEADS_REGISTRY). The loss functions in :mod:`.losses` are plain tensor functions that
+Importing registers ``BiDetRCNN`` and ``BiDetSSD`` (META_ARCH_REGISTRY), ``BiDetROIHeads``
+(ROI_HEADS_REGISTRY), ``BiDetRPN`` (PROPOSAL_GENERATOR_REGISTRY) and ``BiDetRPNHead``
+(RPN_HEAD_REGISTRY). The loss functions in :mod:`.losses` are plain tensor functions that
 any detector can add to its loss dict.
 """
 from .bottleneck import FeatureBottleneck
@@ -13,9 +14,12 @@ from .losses import (beta_transform, binomial_kl, categorical_kl, csop_loss, gau
 from .objective import BiDetObjective
 from .rcnn import BiDetRCNN
 from .roi_heads import BiDetFastRCNNOutputLayers, BiDetROIHeads
+from .rpn import BiDetRPN, BiDetRPNHead, rpn_to_roi_logvar, select_rpn_proposals
 from .ssd import BiDetSSD, BiDetSSDHead
 
-__all__ = ["BiDetFastRCNNOutputLayers", "BiDetObjective", "BiDetRCNN", "BiDetROIHeads", "BiDetSSD", "BiDetSSDHead",
+__all__ = ["BiDetFastRCNNOutputLayers", "BiDetObjective", "BiDetRCNN", "BiDetROIHeads",
+           "BiDetRPN", "BiDetRPNHead", "BiDetSSD", "BiDetSSDHead",
            "ComplexityEstimator", "Discriminator", "FeatureBottleneck", "Generator",
            "beta_transform", "binomial_kl", "categorical_kl", "csop_loss", "gaussian_kl",
-           "location_info_loss", "sop_loss", "sparse_object_prior", "trainable"]
+           "location_info_loss", "rpn_to_roi_logvar", "select_rpn_proposals", "sop_loss",
+           "sparse_object_prior", "trainable"]

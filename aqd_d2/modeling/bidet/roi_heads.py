@@ -7,11 +7,14 @@ and the location term ``-log p(l|f)/p(l)`` (:func:`~.losses.location_info_loss`)
 weighted per image by beta (eq. 7; per-image beta = T(D(G(f))) for AutoBiDet). The
 variance branch is not evaluated at inference (eval ``forward`` returns the usual pair).
 
-Location prior p(l): in proposal coordinates (the proposal is the RPN's location estimate)
-N(0, I), i.e. the RPN supplies the prior's mean and the prior's variance is fixed to 1; the
-paper's RPN-predicted prior covariance is not modelled (the RPN is trained by its own
-objective as in the paper, and the prior term only shifts the loss value, not the gradients
-of the detection part).
+Location prior p(l) (MODEL.BIDET.RPN_PRIOR): "rpn" (the paper's two-stage prior, sec. 3.1.3:
+"parameterized by RPN"): N(0, diag(exp(lv'))) in proposal coordinates, the proposal being the
+RPN's mean and lv' the RPN's predicted log-variance moved into the ROI delta frame
+(``proposal_prior_logvar`` from :class:`~.rpn.BiDetRPN`). The prior is used detached: the RPN
+learns it by its own objective (``loss_rpn_logvar``, maximum likelihood), the paper's
+iterative training of the RPN and the refining network. "standard": N(0, I) in proposal
+coordinates (the one-stage prior of sec. 3.1.2). Either way the prior term carries no
+gradient, so it changes the value of ``loss_box_ib``, not the gradients of the ROI heads.
 
 :class:`BiDetROIHeads` (registered in ROI_HEADS_REGISTRY) uses that predictor and adds the
 sparse-object-prior term J2 (eq. 6 / 11) over the detections that survive NMS among the
@@ -25,12 +28,15 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat
-from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY, ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference
 from detectron2.structures import ImageList, Instances
 from torch import nn
 
+from aqd_d2.config import ConfigError
+
 from .losses import location_info_loss, sparse_object_prior
+from .rpn import PRIOR_LOGVAR_FIELD
 
 __all__ = ["BiDetFastRCNNOutputLayers", "BiDetROIHeads"]
 
@@ -40,13 +46,20 @@ class BiDetFastRCNNOutputLayers(FastRCNNOutputLayers):
 
     Args:
         logvar_clamp: log-variances are clamped to [-clamp, clamp] (numerical safety).
+        rpn_prior: MODEL.BIDET.RPN_PRIOR, "rpn" (proposals carry ``proposal_prior_logvar``) or
+            "standard" (N(0, I)).
         other arguments: as ``FastRCNNOutputLayers``.
     """
 
     @configurable
-    def __init__(self, input_shape: ShapeSpec, *, logvar_clamp: float = 10.0, **kwargs):
+    def __init__(self, input_shape: ShapeSpec, *, logvar_clamp: float = 10.0,
+                 rpn_prior: str = "standard", **kwargs):
         super().__init__(input_shape, **kwargs)
+        if rpn_prior not in ("rpn", "standard"):
+            raise ConfigError(f"MODEL.BIDET.RPN_PRIOR = {rpn_prior!r}; choose one of "
+                              "['rpn', 'standard']")
         self.logvar_clamp = float(logvar_clamp)
+        self.rpn_prior = rpn_prior
         self.bbox_logvar = nn.Linear(self.bbox_pred.in_features, self.bbox_pred.out_features)
         nn.init.normal_(self.bbox_logvar.weight, std=0.001)
         nn.init.constant_(self.bbox_logvar.bias, 0.0)
@@ -55,6 +68,15 @@ class BiDetFastRCNNOutputLayers(FastRCNNOutputLayers):
     def from_config(cls, cfg, input_shape) -> dict:
         ret = super().from_config(cfg, input_shape)
         ret["logvar_clamp"] = cfg.MODEL.BIDET.LOGVAR_CLAMP
+        ret["rpn_prior"] = cfg.MODEL.BIDET.RPN_PRIOR
+        gen = cfg.MODEL.PROPOSAL_GENERATOR.NAME
+        if ret["rpn_prior"] == "rpn" and not getattr(
+                PROPOSAL_GENERATOR_REGISTRY.get(gen), "provides_location_prior", False):
+            raise ConfigError(
+                f"MODEL.BIDET.RPN_PRIOR = 'rpn' needs a proposal generator that predicts the "
+                f"prior's variance: MODEL.PROPOSAL_GENERATOR.NAME = {gen!r}; use 'BiDetRPN' "
+                "with MODEL.RPN.HEAD_NAME 'BiDetRPNHead', or set MODEL.BIDET.RPN_PRIOR to "
+                "'standard' (prior N(0, I))")
         return ret
 
     def forward(self, x: torch.Tensor):
@@ -73,7 +95,8 @@ class BiDetFastRCNNOutputLayers(FastRCNNOutputLayers):
 
         Args:
             predictions: the training output of :meth:`forward`.
-            proposals: sampled proposals with ``gt_classes`` / ``gt_boxes``.
+            proposals: sampled proposals with ``gt_classes`` / ``gt_boxes`` (and, for
+                RPN_PRIOR "rpn", ``proposal_prior_logvar`` (R_i, 4)).
             image_weights: (N,) beta per image (None = 1).
         Returns:
             {"loss_cls": sum_r beta_r CE_r / R, "loss_box_ib": sum_fg beta_r sum_d
@@ -101,7 +124,16 @@ class BiDetFastRCNNOutputLayers(FastRCNNOutputLayers):
             mu = mu.view(-1, self.num_classes, box_dim)[torch.arange(len(cls)), cls]
             lv = lv.view(-1, self.num_classes, box_dim)[torch.arange(len(cls)), cls]
         target = self.box2box_transform.get_deltas(proposal_boxes, gt_boxes)
-        loc = location_info_loss(target, mu, lv).sum(1)
+        prior_mean = prior_logvar = None  # "standard": N(0, I)
+        if self.rpn_prior == "rpn":
+            if not all(p.has(PRIOR_LOGVAR_FIELD) for p in proposals):
+                raise ValueError(f"MODEL.BIDET.RPN_PRIOR = 'rpn' but the proposals lack "
+                                 f"{PRIOR_LOGVAR_FIELD!r}: use MODEL.PROPOSAL_GENERATOR.NAME "
+                                 "'BiDetRPN', or RPN_PRIOR 'standard'")
+            # the RPN's prior, detached: it is trained by the RPN's own objective (module doc)
+            prior_logvar = cat([p.get(PRIOR_LOGVAR_FIELD) for p in proposals], dim=0)[fg].detach()
+            prior_mean = torch.zeros_like(prior_logvar)
+        loc = location_info_loss(target, mu, lv, prior_mean, prior_logvar).sum(1)
         loss_box = (loc * w[fg]).sum() / r
         return {"loss_cls": loss_cls, "loss_box_ib": loss_box}
 
@@ -116,6 +148,9 @@ class BiDetROIHeads(StandardROIHeads):
         sop_detach_norm: official-code variant of the normaliser.
         other arguments: as ``StandardROIHeads``.
     """
+
+    # BiDetRPN hands its location prior (PRIOR_LOGVAR_FIELD) only to heads with this flag
+    accepts_location_prior = True
 
     @configurable
     def __init__(self, *, sop: str = "sop", gamma: float = 0.2, sop_detach_norm: bool = False,
@@ -159,6 +194,21 @@ class BiDetROIHeads(StandardROIHeads):
             losses["loss_sop"] = sop_weight * self.gamma * self.sop_term(
                 predictions[:2], proposals, [t.gt_classes for t in targets])
         return proposals, losses
+
+    def label_and_sample_proposals(self, proposals: List[Instances],
+                                   targets: List[Instances]) -> List[Instances]:
+        """As ``StandardROIHeads.label_and_sample_proposals``. When the proposals carry
+        ``proposal_prior_logvar`` and ground-truth boxes are appended as proposals
+        (MODEL.ROI_HEADS.PROPOSAL_APPEND_GT), those get log-variance 0 (prior N(0, I); the RPN
+        did not predict them, and the detached prior gives no gradient either way)."""
+        if self.proposal_append_gt and proposals and proposals[0].has(PRIOR_LOGVAR_FIELD):
+            with_prior = []
+            for t, p in zip(targets, proposals):
+                t = Instances(t.image_size, **t.get_fields())  # shallow copy: caller's intact
+                t.set(PRIOR_LOGVAR_FIELD, p.get(PRIOR_LOGVAR_FIELD).new_zeros(len(t), 4))
+                with_prior.append(t)
+            targets = with_prior
+        return super().label_and_sample_proposals(proposals, targets)
 
     def sop_term(self, predictions, proposals: List[Instances],
                  gt_classes: List[torch.Tensor]) -> torch.Tensor:
