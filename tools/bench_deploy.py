@@ -1,14 +1,19 @@
 #!/usr/bin/env python
 """Deployment benchmark: real binary / int8 inference vs float, and packed file sizes.
 
-    python tools/bench_deploy.py [--size 320 [640 ...]] [--repeats 7] [--threads 1] [--skip-e2e]
-        [--skip-layers] [--skip-sizes] [--isa avx2] [--profile] [--proposals N] [--json out.json]
+    python tools/bench_deploy.py [--shape 320x320 600x1000 ...] [--size N ...] [--repeats 7]
+        [--threads 1] [--skip-e2e] [--skip-layers] [--skip-sizes] [--isa avx2] [--profile]
+        [--proposals N] [--json out.json]
 
 1. End to end, one thread: Faster R-CNN R18-FPN (configs/FasterRCNN/R18-FPN-shapes-cpu-*.yaml)
-   on one ``--size`` x ``--size`` image, float vs binary (backbone + FPN + RPN binary) vs binary
-   with the box head binarized too. Each model is prepared with
-   :func:`aqd_d2.export.deploy.convert_for_inference` (the float one only gets its BN folded,
-   which makes the float baseline faster, not slower). The models are timed interleaved in one
+   on one H x W image per ``--shape`` (``--size N`` = NxN; default 320x320 and 600x1000, the
+   input of BiDet's binary Faster R-CNN R18, paper 000 Tables 2-4), float vs binary (backbone +
+   FPN + RPN binary) vs binary with the box head binarized too, with PASS/FAIL against issue
+   7's targets (>= 1.8x and >= 2.5x over float). Each model is prepared with
+   :func:`aqd_d2.export.deploy.convert_for_inference`: the float one gets its BN folded, and
+   all three get the inference paths of the float ROI heads they share (fused multi-level
+   ROIAlign, ``roi_pooler=True``; box-head FCs through oneDNN where measured faster,
+   ``float_linear="auto"``), which make the float baseline faster, not slower. The models are timed interleaved in one
    process (median of ``--repeats`` rounds) so that load from other processes hits all alike.
    The models are randomly initialised with BN statistics calibrated on the benchmark image
    (:func:`calibrate_bn`); the binary kernels' timing does not depend on the weights, but the
@@ -18,7 +23,10 @@
    Then each stage (backbone + FPN, RPN, ROI heads) is timed on its own, interleaved, which
    shows the Amdahl bound: the float ROI heads (ROIAlign, the 12544 -> 1024 -> 1024 box head
    on 1000 proposals, NMS) are common to the float and the binary detector, so the binary
-   detector cannot be faster than float total / its ROI-head time. ``--profile`` adds
+   detector cannot be faster than float total / its ROI-head time. Next to each model's ROI
+   heads, the same ROI heads on the old path (detectron2's ROIPooler + F.linear, from a second
+   conversion with ``roi_pooler=False, float_linear=False``) are timed in the same rounds.
+   ``--profile`` adds
    torch.profiler's top operators; ``--isa avx2`` forces the AVX2 kernel variant.
 2. Per layer, one thread: the int8 GEMM path (:class:`~aqd_d2.export.deploy.Int8ConvInference`,
    including encoding its input) vs ``torch.nn.Conv2d`` in float32, 4-bit and 2-bit, on the conv
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import statistics
 import sys
@@ -118,10 +127,11 @@ def interleaved(fns: dict, repeats: int, inner: int = 1, warmup: int = 2) -> dic
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def stage_times(models: dict, batch: list, repeats: int) -> dict:
+def stage_times(models: dict, batch: list, repeats: int, old_paths: dict = None) -> dict:
     """Median seconds of each stage of each GeneralizedRCNN, timed interleaved: ``backbone``
     (ResNet + FPN), ``rpn`` (proposal generator on those features), ``roi_heads`` (ROIAlign,
-    box head, predictor, post-processing on those proposals)."""
+    box head, predictor, post-processing on those proposals), and ``roi_heads_old``: the ROI
+    heads of ``old_paths[name]`` (same weights, old inference path) on the same inputs."""
     fns = {}
     with torch.no_grad():
         for name, m in models.items():
@@ -131,6 +141,9 @@ def stage_times(models: dict, batch: list, repeats: int) -> dict:
             fns[(name, "backbone")] = lambda m=m, t=images.tensor: m.backbone(t)
             fns[(name, "rpn")] = lambda m=m, i=images, f=feats: m.proposal_generator(i, f)
             fns[(name, "roi_heads")] = lambda m=m, i=images, f=feats, p=props: m.roi_heads(i, f, p)
+            if old_paths:
+                fns[(name, "roi_heads_old")] = (lambda m=old_paths[name], i=images, f=feats, p=props:
+                                                m.roi_heads(i, f, p))
         return interleaved(fns, repeats, warmup=1)
 
 
@@ -143,22 +156,45 @@ def print_profile(models: dict, batch: list, rows: int = 12) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
-def bench_end_to_end(size: int, repeats: int, stages: bool = True, profile: bool = False,
+#: issue 7's end-to-end targets over float: model name -> minimum speed-up
+TARGETS = {"binary (backbone+FPN+RPN)": 1.8, "binary + box head": 2.5}
+#: BiDet's binary Faster R-CNN R18 input (paper 000, Tables 2-4: "Faster R-CNN 600 x 1000")
+PAPER_SHAPE = (600, 1000)
+
+
+def parse_shape(text: str) -> tuple:
+    """``"HxW"`` -> ``(H, W)``; ``"N"`` -> ``(N, N)``."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
+    if not m or int(m.group(1)) < 32 or (m.group(2) and int(m.group(2)) < 32):
+        raise argparse.ArgumentTypeError(f"--shape takes HxW (e.g. 600x1000) or N, each >= 32; got {text!r}")
+    h = int(m.group(1))
+    return h, int(m.group(2) or h)
+
+
+def bench_end_to_end(shape, repeats: int, stages: bool = True, profile: bool = False,
                      proposals: int = 0) -> dict:
+    """End-to-end and per-stage times of the three Faster R-CNN models on one ``shape`` =
+    ``(H, W)`` (an int: square) image; returns per-model rows (seconds, speed-up, ...)."""
     opts = ["MODEL.RPN.NMS_THRESH", "1.0"]  # pin the proposal count (see module docstring)
     if proposals:
         opts += ["MODEL.RPN.POST_NMS_TOPK_TEST", str(proposals)]
-    image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0)) * 255
-    batch = [{"image": image, "height": size, "width": size}]
-    models, counts = {}, {}
+    h, w = (shape, shape) if isinstance(shape, int) else shape
+    image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0)) * 255
+    batch = [{"image": image, "height": h, "width": w}]
+    models, old_paths, counts = {}, {}, {}
     for name, rel in FRCNN.items():
         extra = FLOAT_OPTS if name == "float" else []
         model = calibrate_bn(build(rel, opts + extra), batch)
-        model, report = convert_for_inference(model, inplace=True)
+        # the old path (detectron2 ROIPooler + F.linear), same weights, for the stage table
+        old_paths[name], _ = convert_for_inference(model, roi_pooler=False, float_linear=False)
+        model, report = convert_for_inference(model, inplace=True, roi_pooler=True, float_linear="auto",
+                                              example_inputs=batch)
         models[name] = model
-        if name != "float":
-            print(f"{name}: {report.count('binary')} binary layers, "
-                  f"{report.count('fake-quant weight frozen')} frozen fake-quant")
+        onednn = [r[0] for r in report.rows if r[1] == "float (oneDNN)"]
+        print(f"{name}: {report.count('binary')} binary layers, "
+              f"{report.count('fake-quant weight frozen')} frozen fake-quant, "
+              f"{report.count('fused ROIAlign')} fused ROI pooler(s), float linear via oneDNN: "
+              f"{', '.join(onednn) or 'none'}")
         with torch.no_grad():
             images = model.preprocess_image(batch)
             props, _ = model.proposal_generator(images, model.backbone(images.tensor))
@@ -168,18 +204,27 @@ def bench_end_to_end(size: int, repeats: int, stages: bool = True, profile: bool
         t = interleaved(fns, repeats, warmup=2)
     base = t["float"]
     rows = {k: {"seconds": v, "speedup": base / v, "proposals": counts[k]} for k, v in t.items()}
-    print(f"\n== end to end, Faster R-CNN R18-FPN, {size}x{size}, {torch.get_num_threads()} thread(s), "
-          f"binary kernel {kernel_backend()}, median of {repeats}")
+    paper = (h, w) == PAPER_SHAPE
+    print(f"\n== end to end, Faster R-CNN R18-FPN, {h}x{w}"
+          f"{' (the paper input: BiDet Faster R-CNN R18, paper 000 Tables 2-4)' if paper else ''}, "
+          f"{torch.get_num_threads()} thread(s), binary kernel {kernel_backend()}, median of {repeats}")
     for k, r in rows.items():
+        target = TARGETS.get(k)
+        verdict = ""
+        if target is not None:
+            r["target"], r["pass"] = target, r["speedup"] >= target
+            verdict = f"   target >= {target:.1f}x: {'PASS' if r['pass'] else 'FAIL'}"
         print(f"  {k:28s} {r['seconds'] * 1e3:9.1f} ms   speedup {r['speedup']:5.2f}x   "
-              f"({r['proposals']} proposals)")
+              f"({r['proposals']} proposals){verdict}")
     if stages:
-        st = stage_times(models, batch, repeats)
-        print("  stages (ms, median, timed interleaved):      backbone+FPN        RPN  ROI heads")
+        st = stage_times(models, batch, repeats, old_paths)
+        print("  stages (ms, median, timed interleaved):      backbone+FPN        RPN  ROI heads"
+              "  (old path: d2 ROIPooler + F.linear)")
         for k in models:
-            b, r, h = (st[(k, s)] * 1e3 for s in ("backbone", "rpn", "roi_heads"))
-            rows[k]["stages_ms"] = {"backbone": b, "rpn": r, "roi_heads": h}
-            print(f"  {k:42s} {b:12.1f} {r:10.1f} {h:10.1f}")
+            b, r, rh, old = (st[(k, s)] * 1e3 for s in ("backbone", "rpn", "roi_heads", "roi_heads_old"))
+            rows[k]["stages_ms"] = {"backbone": b, "rpn": r, "roi_heads": rh}
+            rows[k]["roi_heads_old_path_ms"] = old
+            print(f"  {k:42s} {b:12.1f} {r:10.1f} {rh:10.1f}  ({old:.1f}, {old / max(rh, 1e-9):.2f}x)")
         fl = rows["float"]["stages_ms"]
         for k in models:
             if k == "float":
@@ -265,7 +310,10 @@ def bench_sizes() -> list:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, nargs="+", default=[320], help="end-to-end input size(s)")
+    p.add_argument("--shape", type=parse_shape, nargs="+", default=None,
+                   help="end-to-end input shape(s) HxW (default: 320x320 600x1000; 600x1000 is the "
+                        "paper's Faster R-CNN input)")
+    p.add_argument("--size", type=int, nargs="+", default=None, help="square end-to-end input size(s): N = NxN")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-e2e", action="store_true")
@@ -283,7 +331,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     result = {"torch": torch.__version__, "threads": args.threads, "binary_kernel": kernel_backend()}
     if not args.skip_e2e:
-        result["end_to_end"] = {str(s): bench_end_to_end(s, args.repeats, profile=args.profile, proposals=args.proposals) for s in args.size}
+        shapes = list(args.shape or []) + [(s, s) for s in args.size or []]
+        shapes = shapes or [(320, 320), PAPER_SHAPE]
+        result["end_to_end"] = {f"{h}x{w}": bench_end_to_end((h, w), args.repeats, profile=args.profile,
+                                                             proposals=args.proposals) for h, w in shapes}
+        print("\n== issue 7 targets (binary / float, end to end, 1 thread unless --threads)")
+        for key, rows in result["end_to_end"].items():
+            verdicts = ", ".join(f"{k} {r['speedup']:.2f}x (>= {r['target']:.1f}x: {'PASS' if r['pass'] else 'FAIL'})"
+                                 for k, r in rows.items() if "target" in r)
+            paper = " [paper input]" if key == "x".join(map(str, PAPER_SHAPE)) else ""
+            print(f"  {key}{paper}: {verdicts}")
     if not args.skip_layers:
         result["int8_layers"] = bench_layers(args.repeats)
     if not args.skip_sizes:

@@ -1,4 +1,6 @@
-"""Build and load the C++ binary-convolution extension (sources in ``aqd_d2/export/csrc``).
+"""Build and load the C++ extension (sources in ``aqd_d2/export/csrc``): the binary convolution
+(``binary_conv.cpp`` + ``kernels_*.cpp``) and the fused multi-level ROIAlign (``roi_align.cpp``,
+:mod:`aqd_d2.export.roi_pooler`), one library whose ops live in ``torch.ops.aqd_binary``.
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` (JIT, ninja) the first time
 it is needed, or ahead of time by :func:`build_extension` (called by ``tools/bootstrap.py``),
@@ -48,7 +50,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LIBRARY_NAME = "aqd_d2_binary_conv"
-OPS_NAMESPACE = "aqd_binary"  # torch.ops.aqd_binary.{conv2d, pack_input, available_isas}
+OPS_NAMESPACE = "aqd_binary"  # torch.ops.aqd_binary.{conv2d, pack_input, available_isas, roi_align_*}
 CSRC = Path(__file__).resolve().parent / "csrc"
 _STAMP = "BUILD_OK"
 _FAILED = "BUILD_FAILED"

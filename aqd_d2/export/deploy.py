@@ -23,7 +23,11 @@ and training, or after :func:`load_for_inference` read a packed file):
   activation scale K, 8-bit inputs, grouped convs): stays a ``QConv2d`` / ``QLinear`` whose
   weight is replaced by its fake-quantized value once and whose weight quantizer is disabled
   (so the weight is not re-quantized every call; same values).
-* **float layers** are kept.
+* **float layers** are kept; with ``float_linear`` plain float ``nn.Linear`` layers (the box
+  head's FCs) can run through oneDNN (:mod:`.float_linear`: always, or where measured faster).
+* **ROI poolers** (``roi_pooler=True``): detectron2's ROIAlign / ROIAlignV2 ``ROIPooler``
+  modules become :class:`~aqd_d2.export.roi_pooler.FastROIPooler` (all FPN levels in one fused
+  C++ call, bit-identical output), in the float and the quantized model alike.
 
 BN folding (``fold_bn=True``): a conv's own eval-mode ``norm`` (``BatchNorm2d``,
 detectron2's ``FrozenBatchNorm2d`` / ``NaiveSyncBatchNorm``, ``SyncBatchNorm``) is folded into
@@ -53,8 +57,10 @@ from aqd_d2.convert import replace_module_references
 from aqd_d2.layers import QConv2d, QLinear, QuantLayerMixin
 
 from .binary_conv import BinaryConv2dInference, binary_conv2d
+from .float_linear import convert_float_linears
 from .int8_gemm import Int8ConvInference, int8_gemm_available
 from .packing import _read, load_packed, unpack_bits
+from .roi_pooler import convert_roi_poolers
 from .routing import measure_speedup, record_layer_inputs
 
 __all__ = [
@@ -145,7 +151,9 @@ class BinaryLinearInference(nn.Module):
 @dataclass
 class DeployReport:
     """What :func:`convert_for_inference` did: ``rows`` of ``(layer name, kind, detail)`` with
-    kind one of ``binary``, ``int8``, ``fake-quant weight frozen``, ``float (BN folded)``."""
+    kind one of ``binary``, ``int8``, ``fake-quant weight frozen``, ``float (BN folded)``,
+    ``float (oneDNN)`` / ``float (F.linear)`` (:mod:`.float_linear`), ``fused ROIAlign`` /
+    ``ROIPooler kept`` (:mod:`.roi_pooler`)."""
 
     rows: List[Tuple[str, str, str]] = field(default_factory=list)
 
@@ -304,6 +312,8 @@ def convert_for_inference(
     encodings: Optional[Dict[str, Encoding]] = None,
     example_inputs: Any = None,
     int8_min_speedup: float = 1.0,
+    roi_pooler: bool = True,
+    float_linear: Union[bool, str] = False,
 ) -> Tuple[nn.Module, DeployReport]:
     """Replace quantized layers by real low-bit inference modules (module docstring).
 
@@ -321,20 +331,29 @@ def convert_for_inference(
         encodings: ``{layer name: (codes, step, offset)}`` to use instead of encoding the
             layer's weight (what :func:`load_for_inference` passes from a packed file, whose
             layers have their weight quantizers disabled).
+        roi_pooler: replace detectron2's ROIAlign/ROIAlignV2 ``ROIPooler`` modules by the fused
+            :class:`~aqd_d2.export.roi_pooler.FastROIPooler` (same output, bit for bit).
+        float_linear: plain float ``nn.Linear`` layers through oneDNN: ``True`` always,
+            ``False`` never, ``"auto"`` where measured faster on the input each layer receives
+            from ``example_inputs`` (required there; :mod:`.float_linear`).
     Returns:
         ``(inference model in eval mode, DeployReport)``.
     """
     if int8 not in (True, False, "auto"):
         raise ValueError(f"int8 must be True, False or 'auto', got {int8!r}")
-    if int8 == "auto" and example_inputs is None:
-        raise ValueError("int8='auto' measures each layer on the model's own inputs: pass example_inputs")
+    if float_linear not in (True, False, "auto"):
+        raise ValueError(f"float_linear must be True, False or 'auto', got {float_linear!r}")
+    for key, value in (("int8", int8), ("float_linear", float_linear)):
+        if value == "auto" and example_inputs is None:
+            raise ValueError(f"{key}='auto' measures each layer on the model's own inputs: pass example_inputs")
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
     layer_inputs: Dict[str, torch.Tensor] = {}
-    if int8 == "auto":
-        layer_inputs = record_layer_inputs(
-            model, example_inputs, [n for n, m in model.named_modules() if isinstance(m, (QConv2d, QLinear))])
+    if int8 == "auto" or float_linear == "auto":
+        layer_inputs = record_layer_inputs(model, example_inputs, [
+            n for n, m in model.named_modules()
+            if (int8 == "auto" and isinstance(m, (QConv2d, QLinear))) or (float_linear == "auto" and type(m) is nn.Linear)])
     report = DeployReport()
     mapping: Dict[int, nn.Module] = {}
     for name, m in list(model.named_modules()):
@@ -356,6 +375,9 @@ def convert_for_inference(
     # every reference: child slots and plain lists (detectron2's FPN runs its convs from the
     # lists ``lateral_convs`` / ``output_convs``, not from the registered attributes)
     replace_module_references(model, mapping)
+    report.rows.extend(convert_float_linears(model, float_linear, layer_inputs))
+    if roi_pooler:
+        report.rows.extend(convert_roi_poolers(model))
     return model, report
 
 
