@@ -83,6 +83,9 @@ def test_single_level_non_square_and_zero_boxes():
     box_lists = [Boxes(_boxes(g, 12, 40)), Boxes(_boxes(g, 7, 40))]
     ref = ROIPooler((3, 5), [1 / 4], 0, "ROIAlignV2")(feat, box_lists)
     assert torch.equal(FastROIPooler((3, 5), [1 / 4], 0, "ROIAlignV2")(feat, box_lists), ref)
+    strided = [torch.randn(2, 11, 9, 14, generator=g)[:, 1:6, :, 2:13]]  # neither NCHW nor NHWC dense
+    ref = ROIPooler(4, [1 / 4], 2, "ROIAlign")(strided, box_lists)
+    assert torch.equal(FastROIPooler(4, [1 / 4], 2, "ROIAlign")(strided, box_lists), ref)
     empty = [Boxes(torch.zeros(0, 4)), Boxes(torch.zeros(0, 4))]
     fast = FastROIPooler(7, SCALES, 0, "ROIAlignV2")
     feats = _features(g, 2, 6, 64, False)

@@ -20,8 +20,10 @@
 // separate: -ffp-contract=off), so the result equals detectron2's ROIPooler bit for bit.
 //
 // Layout: a level that is not channels_last is converted once per call (only levels that
-// received boxes), so the 4 bilinear taps of a sample are contiguous C-vectors. Per box, the
-// PH * PW bins are accumulated into a [PH * PW][C] buffer, then transposed into the NCHW output.
+// received boxes; a blocked transpose, 8 x 8 AVX2 register blocks, about 2x faster than
+// torch's strided copy), so the 4 bilinear taps of a sample are contiguous C-vectors. Per
+// box, the PH * PW bins are accumulated into a [PH * PW][C] buffer, then transposed into the
+// NCHW output.
 //
 // Instruction sets: the channel loop is compiled three times with function-level target
 // attributes (generic, AVX2, AVX-512F), chosen at run time from the CPU's features (no
@@ -129,6 +131,7 @@ void pool_box_generic(const BoxWork& w, float* acc) { pool_box_impl(w, acc); }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define AQD_ROI_X86 1
+#include <immintrin.h>
 __attribute__((target("avx2"))) void pool_box_avx2(const BoxWork& w, float* acc) {
   pool_box_impl(w, acc);
 }
@@ -139,6 +142,59 @@ __attribute__((target("avx512f,prefer-vector-width=512"))) void pool_box_avx512(
 #endif
 
 using PoolBoxFn = void (*)(const BoxWork&, float*);
+
+// NCHW -> NHWC for pixels [p0, p1) of one image (generic: blocks of 16 channels so the 16
+// source rows stay in L1 while each pixel's channels are written contiguously).
+void nchw_to_nhwc_generic(const float* __restrict src, float* __restrict dst, int64_t C, int64_t HW,
+                          int64_t p0, int64_t p1) {
+  constexpr int64_t kC = 16;
+  for (int64_t c0 = 0; c0 < C; c0 += kC) {
+    const int64_t c1 = std::min(C, c0 + kC);
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t c = c0; c < c1; ++c) dst[p * C + c] = src[c * HW + p];
+  }
+}
+
+#ifdef AQD_ROI_X86
+// AVX2: 8 x 8 register transposes (8 channels x 8 pixels), scalar tails. Pure data movement:
+// the copy is exact whatever the instruction set.
+__attribute__((target("avx2"))) void nchw_to_nhwc_avx2(const float* __restrict src, float* __restrict dst,
+                                                       int64_t C, int64_t HW, int64_t p0, int64_t p1) {
+  const int64_t c8 = C - C % 8;
+  int64_t p = p0;
+  for (; p + 8 <= p1; p += 8) {
+    for (int64_t c = 0; c < c8; c += 8) {
+      const float* s = src + c * HW + p;
+      __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + HW), r2 = _mm256_loadu_ps(s + 2 * HW),
+             r3 = _mm256_loadu_ps(s + 3 * HW), r4 = _mm256_loadu_ps(s + 4 * HW),
+             r5 = _mm256_loadu_ps(s + 5 * HW), r6 = _mm256_loadu_ps(s + 6 * HW),
+             r7 = _mm256_loadu_ps(s + 7 * HW);
+      __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+      __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+      __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+      __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+      __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float* d = dst + p * C + c;
+      _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(d + C, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(d + 2 * C, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(d + 3 * C, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(d + 4 * C, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(d + 5 * C, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(d + 6 * C, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(d + 7 * C, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+    for (int64_t q = p; q < p + 8; ++q)
+      for (int64_t c = c8; c < C; ++c) dst[q * C + c] = src[c * HW + q];
+  }
+  if (p < p1) nchw_to_nhwc_generic(src, dst, C, HW, p, p1);
+}
+#endif
+
+using TransposeFn = void (*)(const float*, float*, int64_t, int64_t, int64_t, int64_t);
 
 bool isa_supported(int64_t isa) {
   if (isa == kGeneric) return true;
@@ -161,6 +217,14 @@ PoolBoxFn select_fn(int64_t isa) {
   if (isa == kAvx2) return pool_box_avx2;
 #endif
   return pool_box_generic;
+}
+
+TransposeFn select_transpose(int64_t isa) {
+  if (isa < 0) isa = isa_supported(kAvx2) ? kAvx2 : kGeneric;
+#ifdef AQD_ROI_X86
+  if (isa >= kAvx2 && isa_supported(kAvx2)) return nchw_to_nhwc_avx2;
+#endif
+  return nchw_to_nhwc_generic;
 }
 
 std::vector<int64_t> roi_align_isas() {
@@ -195,6 +259,7 @@ at::Tensor roi_align_multilevel(const std::vector<at::Tensor>& features, const a
                   levels.size(0) == R,
               "aqd_binary.roi_align: levels must be int64 (R,)");
   const PoolBoxFn fn = select_fn(isa);
+  const TransposeFn transpose = select_transpose(isa);
   at::Tensor out = at::empty({R, C, pooled_h, pooled_w}, f0.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
 
@@ -210,10 +275,27 @@ at::Tensor roi_align_multilevel(const std::vector<at::Tensor>& features, const a
                 " is outside [0, ", N, ")");
     used[lp[r]] = 1;
   }
-  // NHWC copies of the levels that received boxes (none when already channels_last)
+  // NHWC copies of the levels that received boxes (none when already channels_last); NCHW
+  // levels are transposed below, in the parallel region, in tasks of 64 pixels of one image
   std::vector<at::Tensor> nhwc(static_cast<size_t>(L));
-  for (int64_t l = 0; l < L; ++l)
-    if (used[l]) nhwc[l] = features[l].contiguous(at::MemoryFormat::ChannelsLast);
+  struct Task { const float* src; float* dst; int64_t HW, p0, p1; };
+  std::vector<Task> tasks;
+  constexpr int64_t kPix = 64;
+  for (int64_t l = 0; l < L; ++l) {
+    if (!used[l]) continue;
+    const at::Tensor& f = features[l];
+    if (f.is_contiguous(at::MemoryFormat::ChannelsLast) || !f.is_contiguous()) {
+      nhwc[l] = f.contiguous(at::MemoryFormat::ChannelsLast);
+      continue;
+    }
+    nhwc[l] = at::empty(f.sizes(), f.options().memory_format(at::MemoryFormat::ChannelsLast));
+    const int64_t HW = f.size(2) * f.size(3);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t p = 0; p < HW; p += kPix)
+        tasks.push_back({f.const_data_ptr<float>() + n * C * HW, nhwc[l].mutable_data_ptr<float>() + n * C * HW,
+                         HW, p, std::min(HW, p + kPix)});
+  }
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   float* op = out.mutable_data_ptr<float>();
   const int64_t bins = pooled_h * pooled_w;
   const int nt = at::in_parallel_region() ? 1 : at::get_num_threads();
@@ -221,6 +303,12 @@ at::Tensor roi_align_multilevel(const std::vector<at::Tensor>& features, const a
 #pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
   {
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 8)
+#endif
+    for (int64_t t = 0; t < n_tasks; ++t)
+      transpose(tasks[t].src, tasks[t].dst, C, tasks[t].HW, tasks[t].p0, tasks[t].p1);
+    // (implicit barrier: every level is NHWC before any box is pooled)
     std::vector<float> acc(static_cast<size_t>(bins * C));
     std::vector<Axis> ys, xs;
 #ifdef _OPENMP
