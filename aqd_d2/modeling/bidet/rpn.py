@@ -3,7 +3,8 @@
 Paper 000, after eq. 7: "For two-stage detectors, p(l1,i) and p(l2,i) are parameterized by RPN
 which is learned by the objective function. Following [43], we iteratively train the RPN and
 the refining networks that predict priors and posteriors of bounding box location offset
-respectively." Here:
+respectively." (sec. 3.1.2: "For two-stage detectors, Region Proposal Networks (RPN) output
+the parameters of the Gaussian priors.") Here:
 
 - :class:`BiDetRPNHead` (RPN_HEAD_REGISTRY) is detectron2's ``StandardRPNHead`` plus a 1x1 conv
   ``anchor_logvar`` giving, per anchor, the log-variance of each of the 4 box deltas. The mean
@@ -15,10 +16,13 @@ respectively." Here:
   anchors, ``loss_rpn_logvar`` = sum 0.5*((t - mu)^2 exp(-lv) + lv) / (anchors sampled per
   image * N) (the Gaussian negative log-likelihood without its constant, normalised like
   ``loss_rpn_loc``), with mu detached so that the mean keeps [43]'s objective. This NLL is the
-  prior's own objective (the "iterative" training): the ROI heads use the prior detached.
+  prior's own objective (the "iterative" training): the ROI heads use the prior detached. The
+  NLL also reaches the head's shared 3x3 conv and the features below it, as any RPN loss does.
 - Every training proposal carries ``proposal_prior_logvar`` (R, 4): that prior moved into the
   ROI head's delta frame (:func:`rpn_to_roi_logvar`), with mean 0 (the proposal is the prior's
-  mean). In eval the variance branch is skipped and the output equals detectron2's RPN.
+  mean). In eval the variance branch is skipped ("we drop the network branch of covariance
+  matrix", sec. 3.1.3) and the output equals detectron2's RPN. ``anchor_logvar`` is a prediction
+  layer ("remain real-valued"): the BiDet configs list it in MODEL.QUANT.LAST_LAYERS.
 
 With ``MODEL.BIDET.RPN_PRIOR: "standard"`` both classes build no variance branch and behave
 exactly as detectron2's (the prior is then N(0, I) in the proposal frame).

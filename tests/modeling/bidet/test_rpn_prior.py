@@ -155,6 +155,28 @@ def test_rpn_and_standard_prior_differ_only_in_the_prior_terms():
     assert float(out["rpn"]["loss_box_ib"]) != float(out["standard"]["loss_box_ib"])
 
 
+def test_appended_ground_truth_proposals_get_the_standard_prior():
+    _, model = _model()
+    heads = model.roi_heads
+    assert heads.proposal_append_gt
+    targets = [x["instances"] for x in tiny_batch()]
+    proposals = []
+    for t in targets:
+        p = Instances(t.image_size)
+        p.proposal_boxes = Boxes(torch.tensor([[0.0, 0.0, 30.0, 30.0], [10.0, 10.0, 50.0, 60.0]]))
+        p.objectness_logits = torch.zeros(2)
+        p.set(PRIOR_LOGVAR_FIELD, torch.ones(2, 4))
+        proposals.append(p)
+    with EventStorage(0):
+        sampled = heads.label_and_sample_proposals(proposals, targets)
+    for s in sampled:
+        lv, from_gt = s.get(PRIOR_LOGVAR_FIELD), s.objectness_logits > 10  # gt: logit ~23
+        assert len(s) == 4 and int(from_gt.sum()) == 2
+        assert torch.equal(lv[from_gt], torch.zeros(2, 4))
+        assert torch.equal(lv[~from_gt], torch.ones(2, 4))
+    assert not any(t.has(PRIOR_LOGVAR_FIELD) for t in targets)  # the caller's targets untouched
+
+
 def _grads(loss, params):
     gs = torch.autograd.grad(loss, [p for _, p in params], retain_graph=True, allow_unused=True)
     return {n for (n, _), g in zip(params, gs) if g is not None and g.abs().sum() > 0}
