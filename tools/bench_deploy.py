@@ -13,7 +13,9 @@
    :func:`aqd_d2.export.deploy.convert_for_inference`: the float one gets its BN folded, and
    all three get the inference paths of the float ROI heads they share (fused multi-level
    ROIAlign, ``roi_pooler=True``; box-head FCs through oneDNN where measured faster,
-   ``float_linear="auto"``), which make the float baseline faster, not slower. The models are timed interleaved in one
+   ``float_linear="auto"``), which make the float baseline faster, not slower; the float model
+   on the old path (detectron2's ROIPooler + F.linear) is timed in the same rounds as a
+   reference row. The models are timed interleaved in one
    process (median of ``--repeats`` rounds) so that load from other processes hits all alike.
    The models are randomly initialised with BN statistics calibrated on the benchmark image
    (:func:`calibrate_bn`); the binary kernels' timing does not depend on the weights, but the
@@ -158,6 +160,8 @@ def print_profile(models: dict, batch: list, rows: int = 12) -> None:
 
 #: issue 7's end-to-end targets over float: model name -> minimum speed-up
 TARGETS = {"binary (backbone+FPN+RPN)": 1.8, "binary + box head": 2.5}
+#: the float model on the old inference path (detectron2 ROIPooler + F.linear), timed as a reference
+OLD_FLOAT = "float, old ROI path"
 #: BiDet's binary Faster R-CNN R18 input (paper 000, Tables 2-4: "Faster R-CNN 600 x 1000")
 PAPER_SHAPE = (600, 1000)
 
@@ -200,10 +204,14 @@ def bench_end_to_end(shape, repeats: int, stages: bool = True, profile: bool = F
             props, _ = model.proposal_generator(images, model.backbone(images.tensor))
         counts[name] = len(props[0])
     fns = {k: (lambda m=m: m(batch)) for k, m in models.items()}
+    fns[OLD_FLOAT] = lambda m=old_paths["float"]: m(batch)  # reference: the float model before this change
+    counts[OLD_FLOAT] = counts["float"]
     with torch.no_grad():
         t = interleaved(fns, repeats, warmup=2)
     base = t["float"]
     rows = {k: {"seconds": v, "speedup": base / v, "proposals": counts[k]} for k, v in t.items()}
+    for k in TARGETS:
+        rows[k]["speedup_vs_old_float"] = t[OLD_FLOAT] / t[k]
     paper = (h, w) == PAPER_SHAPE
     print(f"\n== end to end, Faster R-CNN R18-FPN, {h}x{w}"
           f"{' (the paper input: BiDet Faster R-CNN R18, paper 000 Tables 2-4)' if paper else ''}, "
@@ -214,6 +222,8 @@ def bench_end_to_end(shape, repeats: int, stages: bool = True, profile: bool = F
         if target is not None:
             r["target"], r["pass"] = target, r["speedup"] >= target
             verdict = f"   target >= {target:.1f}x: {'PASS' if r['pass'] else 'FAIL'}"
+        if k in TARGETS:
+            verdict += f"   (vs {OLD_FLOAT}: {r['speedup_vs_old_float']:.2f}x)"
         print(f"  {k:28s} {r['seconds'] * 1e3:9.1f} ms   speedup {r['speedup']:5.2f}x   "
               f"({r['proposals']} proposals){verdict}")
     if stages:

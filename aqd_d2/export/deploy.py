@@ -23,11 +23,9 @@ and training, or after :func:`load_for_inference` read a packed file):
   activation scale K, 8-bit inputs, grouped convs): stays a ``QConv2d`` / ``QLinear`` whose
   weight is replaced by its fake-quantized value once and whose weight quantizer is disabled
   (so the weight is not re-quantized every call; same values).
-* **float layers** are kept; with ``float_linear`` plain float ``nn.Linear`` layers (the box
-  head's FCs) can run through oneDNN (:mod:`.float_linear`: always, or where measured faster).
-* **ROI poolers** (``roi_pooler=True``): detectron2's ROIAlign / ROIAlignV2 ``ROIPooler``
-  modules become :class:`~aqd_d2.export.roi_pooler.FastROIPooler` (all FPN levels in one fused
-  C++ call, bit-identical output), in the float and the quantized model alike.
+* **float layers** are kept; ``float_linear``: float ``nn.Linear`` layers through oneDNN
+  (:mod:`.float_linear`). ``roi_pooler``: detectron2's ROIAlign(V2) ``ROIPooler`` -> fused
+  :class:`~aqd_d2.export.roi_pooler.FastROIPooler` (bit-identical), float and quantized models.
 
 BN folding (``fold_bn=True``): a conv's own eval-mode ``norm`` (``BatchNorm2d``,
 detectron2's ``FrozenBatchNorm2d`` / ``NaiveSyncBatchNorm``, ``SyncBatchNorm``) is folded into
