@@ -56,7 +56,9 @@ class OneDNNLinear(nn.Linear):
     whose inference forward is oneDNN's inner product on the dense float32 tensors.
 
     Forward: ``x`` ``(..., in_features)`` -> ``(..., out_features)``; ``F.linear`` when a
-    gradient is needed or the input is not float32 on the CPU.
+    gradient is needed, the input is not float32 on the CPU, or under ``torch.jit`` tracing
+    (so traced graphs, e.g. :func:`aqd_d2.analysis.analyze_model`'s FLOP count, see
+    ``aten::linear``).
     """
 
     @classmethod
@@ -70,7 +72,8 @@ class OneDNNLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if grad or x.dtype != torch.float32 or x.device.type != "cpu" or self.weight.dtype != torch.float32:
+        # traced graphs (FLOP counting, TorchScript) see aten::linear
+        if grad or torch.jit.is_tracing() or x.dtype != torch.float32 or x.device.type != "cpu" or self.weight.dtype != torch.float32:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 

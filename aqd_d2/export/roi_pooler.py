@@ -119,7 +119,8 @@ class FastROIPooler(ROIPooler):
     ``"ROIAlignV2"``. :meth:`from_pooler` builds one from an existing pooler.
     Forward: ``(x: list of L (N, C, H_l, W_l), box_lists: list of N Boxes)`` ->
     ``(R, C, PH, PW)``, equal to ``ROIPooler.forward`` (which it calls where the fused op
-    cannot run: extension unavailable, gradients needed, not float32 on the CPU).
+    cannot run: extension unavailable, gradients needed, not float32 on the CPU; and under
+    ``torch.jit`` tracing, so traced graphs need no aqd_d2 library).
     """
 
     def __init__(self, output_size, scales: Sequence[float], sampling_ratio: int, pooler_type: str,
@@ -147,7 +148,7 @@ class FastROIPooler(ROIPooler):
 
     def forward(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in x)
-        if (needs_grad or not isinstance(x, list) or len(x) != len(self.level_poolers) or not box_lists
+        if (needs_grad or torch.jit.is_tracing() or not isinstance(x, list) or len(x) != len(self.level_poolers) or not box_lists
                 or len(box_lists) != x[0].shape[0] or any(type(b) is not Boxes for b in box_lists)
                 or x[0].dtype != torch.float32 or x[0].device.type != "cpu" or not _use_fused()):
             return super().forward(x, box_lists)  # detectron2's path (also its checks / errors)

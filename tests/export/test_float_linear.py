@@ -142,3 +142,13 @@ def test_convert_for_inference_auto_on_a_module():
         torch.testing.assert_close(dep(x), head(x), rtol=1e-5, atol=1e-5)
     assert sum(r[1].startswith("float (") for r in report.rows) == 3
     assert all(type(m) is nn.Linear for m in head if isinstance(m, nn.Linear))  # a copy was converted
+
+
+@needs_onednn
+def test_traced_graph_uses_aten_linear():
+    m = OneDNNLinear.from_linear(nn.Linear(8, 3)).eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        graph = str(torch.jit.trace(m, x).graph)
+        torch.testing.assert_close(torch.jit.trace(m, x)(x), m(x), rtol=1e-5, atol=1e-6)
+    assert "aten::linear" in graph and "mkldnn" not in graph

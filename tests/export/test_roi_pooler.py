@@ -194,3 +194,17 @@ def test_converted_float_faster_rcnn_same_detections():
         torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor, rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(b.scores, a.scores, rtol=1e-4, atol=1e-5)
         assert torch.equal(b.pred_classes, a.pred_classes)
+
+
+@needs_ext
+def test_traced_graph_uses_detectron2_path():
+    fast = FastROIPooler(3, [1 / 4], 0, "ROIAlignV2")
+    boxes = [Boxes(torch.tensor([[2.0, 3.0, 20.0, 17.0]]))]
+
+    class Wrap(torch.nn.Module):
+        def forward(self, f):
+            return fast([f], boxes)
+
+    f = torch.randn(1, 4, 8, 8)
+    graph = str(torch.jit.trace(Wrap(), f).graph)
+    assert "torchvision::roi_align" in graph and "aqd_binary" not in graph
