@@ -200,7 +200,15 @@ class BiDetROIHeads(StandardROIHeads):
         """As ``StandardROIHeads.label_and_sample_proposals``. When the proposals carry
         ``proposal_prior_logvar`` and ground-truth boxes are appended as proposals
         (MODEL.ROI_HEADS.PROPOSAL_APPEND_GT), those get log-variance 0 (prior N(0, I); the RPN
-        did not predict them, and the detached prior gives no gradient either way)."""
+        did not predict them, and the detached prior gives no gradient either way).
+
+        Args:
+            proposals: N Instances from the proposal generator.
+            targets: N ground-truth Instances (not modified).
+        Returns:
+            N Instances of sampled proposals with ``gt_classes`` / ``gt_boxes`` (and
+            ``proposal_prior_logvar`` (R_i, 4) when the proposals had it).
+        """
         if self.proposal_append_gt and proposals and proposals[0].has(PRIOR_LOGVAR_FIELD):
             with_prior = []
             for t, p in zip(targets, proposals):
