@@ -1,5 +1,5 @@
 """Build and load the C++ extension (sources in ``aqd_d2/export/csrc``): the binary convolution
-(``binary_conv.cpp`` + ``kernels_*.cpp``) and the fused multi-level ROIAlign (``roi_align.cpp``,
+(``binary_conv.cpp`` + ``kernels_*.cpp``) and the fused multi-level ROIAlign (``roi_align*.cpp``,
 :mod:`aqd_d2.export.roi_pooler`), one library whose ops live in ``torch.ops.aqd_binary``.
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` (JIT, ninja) the first time
