@@ -10,7 +10,9 @@ detectors (paper 000 eq. 7, sec. 3.2).
   inference;
 - ``loss_cls`` (positives + hard negatives, as SSD) and ``loss_box_ib`` (positives) are the
   class and location information terms, each default box weighted by its image's beta,
-  normalised by the number of positives like SSD's loss;
+  normalised by the number of positives like SSD's loss; the location term is the paper's
+  Gaussian ``-log p(l|f) / p(l)`` (MODEL.BIDET.SSD_LOCATION_LOSS "gaussian") or the official
+  code's smooth L1 on a posterior sample ("sampled_smooth_l1");
 - ``loss_sop``: gamma * J2 over the detections that survive SSD's inference (score
   threshold, top-k, per-class NMS) on the training predictions.
 """
@@ -25,6 +27,7 @@ from detectron2.layers import Conv2d, cat
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
+from fvcore.nn import smooth_l1_loss
 from torch import Tensor, nn
 
 from aqd_d2.modeling.meta_arch.ssd import SSD
@@ -77,13 +80,21 @@ class BiDetSSD(SSD):
 
     Args:
         bidet: the shared BiDet objective; sop / gamma / sop_detach_norm: MODEL.BIDET.*.
+        location_loss: "gaussian" (paper 000 eq. 7) or "sampled_smooth_l1" (official code).
+        sample_scale: posterior sample scale of "sampled_smooth_l1".
         other arguments: as ``SSD``.
     """
 
     @configurable
     def __init__(self, *, bidet: BiDetObjective, sop: str = "sop", gamma: float = 0.2,
-                 sop_detach_norm: bool = False, **kwargs):
+                 sop_detach_norm: bool = False, location_loss: str = "gaussian",
+                 sample_scale: float = 0.0, **kwargs):
         super().__init__(**kwargs)
+        if location_loss not in ("gaussian", "sampled_smooth_l1"):
+            raise ValueError(f"MODEL.BIDET.SSD_LOCATION_LOSS = {location_loss!r}; choose one of "
+                             "['gaussian', 'sampled_smooth_l1']")
+        self.location_loss = location_loss
+        self.sample_scale = float(sample_scale)
         self.bidet = bidet
         self.sop = sop
         self.gamma = float(gamma)
@@ -98,7 +109,8 @@ class BiDetSSD(SSD):
                                    ret["default_boxes"].num_cell_anchors)
         b = cfg.MODEL.BIDET
         ret.update(bidet=BiDetObjective(cfg, in_shapes), sop=b.SOP, gamma=b.GAMMA,
-                   sop_detach_norm=b.SOP_DETACH_NORM)
+                   sop_detach_norm=b.SOP_DETACH_NORM, location_loss=b.SSD_LOCATION_LOSS,
+                   sample_scale=b.SSD_SAMPLE_SCALE)
         return ret
 
     def _features(self, images) -> Tuple[Dict[str, Tensor], Tensor]:
@@ -160,8 +172,25 @@ class BiDetSSD(SSD):
         loss_cls = (ce * w)[chosen].sum() / n
         anchors_t = Boxes.cat(anchors).tensor
         target = torch.stack([self.box2box_transform.get_deltas(anchors_t, b) for b in gt_boxes])
-        loc = location_info_loss(target[positive], deltas[positive], logvars[positive]).sum(1)
+        loc = self.location_term(target[positive], deltas[positive], logvars[positive])
         return {"loss_cls": loss_cls, "loss_box_ib": (loc * w[positive]).sum() / n}
+
+    def location_term(self, target: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
+        """Per-positive location term (without beta).
+
+        "gaussian": paper 000 eq. 7, ``-log p(l|f) / p(l)`` with the N(0, I) prior
+        (:func:`~.losses.location_info_loss`); "sampled_smooth_l1": the official BiDet SSD
+        code, SSD's smooth L1 between l and ``mu + sample_scale * exp(logvar / 2) * eps``.
+
+        Args:
+            target, mean, logvar: (P, 4) offsets l, posterior means and log-variances.
+        Returns:
+            (P,) the term summed over the 4 offsets.
+        """
+        if self.location_loss == "gaussian":
+            return location_info_loss(target, mean, logvar).sum(1)
+        sample = mean + self.sample_scale * torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        return smooth_l1_loss(sample, target, self.smooth_l1_beta, reduction="none").sum(1)
 
     def sop_term(self, anchors: List[Boxes], logits: List[Tensor], deltas: List[Tensor],
                  gt_classes: List[Tensor]) -> Tensor:
