@@ -53,11 +53,12 @@ def add_config(cfg: CN) -> None:
     _C.MODEL.QUANT.FIRST_LAYER = ""
     # Give the last (prediction) layers, named by LAST_LAYERS, FIRST_LAST_BITS precision.
     _C.MODEL.QUANT.KEEP_LAST_FP = True
-    # Regexes of the final prediction layers: RetinaNet/FCOS head outputs, RPN outputs,
+    # Regexes of the final prediction layers: RetinaNet/FCOS head outputs, RPN outputs (with
+    # BiDet's log-variance conv),
     # R-CNN box/mask predictors. Patterns matching nothing are fine (several archs).
     _C.MODEL.QUANT.LAST_LAYERS = [
         r"head\.(cls_score|bbox_pred|ctrness)",
-        r"proposal_generator\.rpn_head\.(objectness_logits|anchor_deltas)",
+        r"proposal_generator\.rpn_head\.(objectness_logits|anchor_deltas|anchor_logvar)",
         r"roi_heads\.box_predictor\..*",
         r"roi_heads\.mask_head\.predictor",
     ]
