@@ -136,7 +136,9 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--detector", choices=sorted(RUNS), default="frcnn")
     p.add_argument("--init", choices=["fp", "scratch"], default="fp",
                    help="binary runs start from the float run (fp) or from random weights")
-    p.add_argument("--only", nargs="*", default=None, help="run names to run (fp xnor bidet autobidet)")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="run names to run (fp xnor bidet autobidet); end the list with another option "
+                   "before KEY VALUE overrides (e.g. --only xnor --seed 0 KEY VALUE)")
     p.add_argument("--max-iter", type=int, default=0, help="scale the schedule to this many iterations")
     p.add_argument("--batch", type=int, default=0, help="images per batch (default: the configs')")
     p.add_argument("--size", type=int, default=0, help="train/test image size (default: the configs')")
@@ -153,6 +155,13 @@ def parse_args(argv: Optional[List[str]] = None):
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:
     args = parse_args(argv)
+    names = [n for n, _, _ in RUNS[args.detector]]
+    unknown = [n for n in (args.only or []) if n not in names]
+    if unknown:
+        # argparse puts KEY VALUE overrides written after --only into --only
+        raise SystemExit(f"--only: unknown run(s) {unknown}; runs are {names}. KEY VALUE overrides "
+                         "written right after --only's names are taken as names: put another "
+                         "option between them, e.g. --only fp xnor --seed 0 KEY VALUE")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     rows = []
     fp_weights = ""

@@ -33,3 +33,14 @@ def test_bidet_study_smoke(tmp_path):
     assert [r["method"] for r in saved] == ["Xnor-Net", "BiDet", "AutoBiDet"]
     md = (tmp_path / "study.md").read_text()
     assert "| AutoBiDet |" in md and "| Xnor-Net |" in md
+
+
+def test_overrides_swallowed_by_only_are_an_error(tmp_path):
+    import pytest
+
+    study = _study()
+    args = study.parse_args(["--out", str(tmp_path), "--only", "fp", "xnor", "--seed", "0", "SOLVER.BASE_LR", "0.1"])
+    assert args.only == ["fp", "xnor"] and args.opts == ["SOLVER.BASE_LR", "0.1"]
+    with pytest.raises(SystemExit, match=r"unknown run\(s\) \['SOLVER.BASE_LR', '0.1'\]"):
+        study.main(["--out", str(tmp_path), "--only", "fp", "SOLVER.BASE_LR", "0.1"])
+    assert not any(tmp_path.iterdir())  # nothing ran
