@@ -33,6 +33,19 @@ def tiny_train_opts(output_dir: str, max_iter: int = 2):
     ]
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures(
+    "single_thread")``): on 2 shared cores, 2 threads per process mostly spin, and kernel
+    benchmarks / routing decisions see the 1-thread case."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return REPO

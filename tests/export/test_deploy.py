@@ -30,12 +30,8 @@ SPECS = [  # (w method, w bits, a method, a bits, expected deployment)
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one intra-op thread per module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _calibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:

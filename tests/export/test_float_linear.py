@@ -21,12 +21,8 @@ from aqd_d2.quantization import build_quantizer
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="torch without oneDNN")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one intra-op thread per module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _head() -> nn.Sequential:

@@ -22,12 +22,8 @@ SCALES = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
 needs_ext = pytest.mark.skipif(not roi_align_isas(), reason="C++ extension unavailable")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one intra-op thread per module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _boxes(g: torch.Generator, n: int, size: int) -> torch.Tensor:

@@ -23,12 +23,8 @@ FCOS_CPU = "configs/FCOS/R18-FPN-shapes-cpu-FP.yaml"
 RETINA_CPU = "configs/RetinaNet/R18-FPN-shapes-cpu-FP.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one intra-op thread per module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _build(rel_path, extra=(), narrow=True):

@@ -18,12 +18,8 @@ from aqd_d2.modeling.meta_arch.ssd import SSD
 from tests.test_configs import load_test_config, tiny_batch, train_step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one intra-op thread per module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def ssd_cfg(*opts):
