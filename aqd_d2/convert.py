@@ -220,6 +220,27 @@ def replace_module_references(model: nn.Module, mapping: Dict[int, nn.Module]) -
                 object.__setattr__(mod, key, new)
 
 
+def _check_binary_after_relu(model: nn.Module, decisions) -> None:
+    """Refuse a 1-bit activation on ``fc2``, ``fc3``, ... of detectron2's FastRCNNConvFCHead:
+    their input is a ReLU output, whose sign is +1 everywhere, so every box would get the
+    same features (aqd_d2.modeling.box_head)."""
+    from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
+
+    modules = dict(model.named_modules())
+    for d, _ in decisions:
+        if not d.quantized or d.precision.a_bits != 1 or "." not in d.name:
+            continue
+        parent, child = d.name.rsplit(".", 1)
+        if (type(modules.get(parent)) is FastRCNNConvFCHead and child.startswith("fc")
+                and child[2:].isdigit() and int(child[2:]) >= 2):
+            raise ConfigError(
+                f"{d.name} would binarize its input ({d.precision.a_method}/1), but detectron2's "
+                f"FastRCNNConvFCHead feeds it a ReLU output, which is +1 everywhere after sign: "
+                f"every box would get the same features. Set MODEL.ROI_BOX_HEAD.NAME "
+                f"'BiRealFCHead' (BN + shortcut, no ReLU before binary FCs), or keep the box head "
+                f"out of MODEL.QUANT.SCOPE")
+
+
 def quantize_model(model: nn.Module, policy: QuantPolicy) -> ConversionReport:
     """Swap ``model``'s conv/linear layers for quantized ones as ``policy`` says (in place).
 
@@ -236,6 +257,7 @@ def quantize_model(model: nn.Module, policy: QuantPolicy) -> ConversionReport:
         ConfigError: naming the MODEL.QUANT key that matches nothing.
     """
     decisions = _decide(model, policy)
+    _check_binary_after_relu(model, decisions)
     mapping: Dict[int, nn.Module] = {}
     for d, m in decisions:
         if d.quantized and id(m) not in mapping:

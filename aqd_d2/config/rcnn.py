@@ -39,10 +39,22 @@ def add_config(cfg: CN) -> None:
     # ReLU after the stem's conv + BN. Bi-Real-Net and BiDet's ResNet-18 have none: with it the
     # first binary conv of res2 would only see non-negative inputs (all +1 after sign).
     _C.MODEL.BIREAL.STEM_RELU = False
+    # BiRealFCHead (MODEL.ROI_BOX_HEAD.NAME "BiRealFCHead", aqd_d2.modeling.box_head): the FC
+    # box head for binary FC layers (detectron2's head feeds fc2 a ReLU output, all +1 after
+    # sign). After each FC: FC_NORM ("BN" or ""), a real-valued identity shortcut where the
+    # width is kept (FC_SHORTCUT), then FC_ACTIVATION ("none", "relu", "hardtanh", "prelu").
+    _C.MODEL.ROI_BOX_HEAD.FC_NORM = "BN"
+    _C.MODEL.ROI_BOX_HEAD.FC_ACTIVATION = "none"
+    _C.MODEL.ROI_BOX_HEAD.FC_SHORTCUT = True
 
 
 def validate(cfg: CN) -> None:
     """Check this section's keys; raise ConfigError naming the key and the allowed values."""
+    if "FC_NORM" in cfg.MODEL.ROI_BOX_HEAD:
+        from ..modeling.box_head import FC_ACTIVATIONS, FC_NORMS
+
+        check_choice(cfg, "MODEL.ROI_BOX_HEAD.FC_NORM", FC_NORMS)
+        check_choice(cfg, "MODEL.ROI_BOX_HEAD.FC_ACTIVATION", FC_ACTIVATIONS)
     if "BIREAL" not in cfg.MODEL:
         return
     check_choice(cfg, "MODEL.BIREAL.SHORTCUT", BIREAL_SHORTCUTS)
