@@ -36,7 +36,7 @@ DEFAULT_COMPONENT_PREFIXES = (
 )
 DEFAULT_LAST_LAYERS = (
     r"head\.(cls_score|bbox_pred|ctrness)",
-    r"proposal_generator\.rpn_head\.(objectness_logits|anchor_deltas)",
+    r"proposal_generator\.rpn_head\.(objectness_logits|anchor_deltas|anchor_logvar)",
     r"roi_heads\.box_predictor\..*", r"roi_heads\.mask_head\.predictor",
 )
 _SWAPS = {nn.Conv2d: QConv2d, Conv2d: QConv2d, nn.Linear: QLinear}
