@@ -18,6 +18,9 @@ from detectron2.layers import Conv2d
 from torch import nn
 
 from aqd_d2.config import ConfigError
+from aqd_d2.config.quant import DEFAULT_COMPONENT_PREFIXES as _CFG_PREFIXES
+from aqd_d2.config.quant import DEFAULT_LAST_LAYERS as _CFG_LAST_LAYERS
+from aqd_d2.config.quant import DEFAULT_SCOPE as _CFG_SCOPE
 from aqd_d2.layers import QConv2d, QLinear
 from aqd_d2.quantization import Quantizer, available_quantizers, build_quantizer, get_quantizer_class
 
@@ -27,18 +30,10 @@ __all__ = ["QuantPolicy", "LayerPrecision", "Override", "FLOAT_BITS", "BINARY_ME
 FLOAT_BITS = 32
 #: methods that only exist at 1 bit
 BINARY_METHODS = frozenset({"bnn", "xnor", "bwn", "bireal"})
-#: defaults, identical to those of aqd_d2/config/quant.py (a test checks it)
-DEFAULT_SCOPE = ("backbone", "fpn", "head")
-DEFAULT_COMPONENT_PREFIXES = (
-    ("backbone", "backbone.bottom_up."), ("fpn", "backbone.fpn_lateral"),
-    ("fpn", "backbone.fpn_output"), ("fpn", "backbone.top_block."), ("backbone", "backbone."),
-    ("head", "head."), ("head", "proposal_generator."), ("head", "roi_heads."),
-)
-DEFAULT_LAST_LAYERS = (
-    r"head\.(cls_score|bbox_pred|ctrness)",
-    r"proposal_generator\.rpn_head\.(objectness_logits|anchor_deltas|anchor_logvar)",
-    r"roi_heads\.box_predictor\..*", r"roi_heads\.mask_head\.predictor",
-)
+#: defaults: those of the config (aqd_d2/config/quant.py), prefixes as (component, prefix) pairs
+DEFAULT_SCOPE = _CFG_SCOPE
+DEFAULT_COMPONENT_PREFIXES = tuple(tuple(p.split(":", 1)) for p in _CFG_PREFIXES)
+DEFAULT_LAST_LAYERS = _CFG_LAST_LAYERS
 _SWAPS = {nn.Conv2d: QConv2d, Conv2d: QConv2d, nn.Linear: QLinear}
 
 

@@ -6,6 +6,27 @@ from detectron2.config import CfgNode as CN
 from .checks import ConfigError, check_choice  # noqa: F401
 
 
+#: defaults of MODEL.QUANT.SCOPE / COMPONENT_PREFIXES / LAST_LAYERS (also QuantPolicy's defaults,
+#: aqd_d2.quant_policy, so the two cannot drift apart)
+DEFAULT_SCOPE = ("backbone", "fpn", "head")
+DEFAULT_COMPONENT_PREFIXES = (
+    "backbone:backbone.bottom_up.",
+    "fpn:backbone.fpn_lateral",
+    "fpn:backbone.fpn_output",
+    "fpn:backbone.top_block.",
+    "backbone:backbone.",
+    "head:head.",
+    "head:proposal_generator.",
+    "head:roi_heads.",
+)
+DEFAULT_LAST_LAYERS = (
+    r"head\.(cls_score|bbox_pred|ctrness)",
+    r"proposal_generator\.rpn_head\.(objectness_logits|anchor_deltas|anchor_logvar)",
+    r"roi_heads\.box_predictor\..*",
+    r"roi_heads\.mask_head\.predictor",
+)
+
+
 def add_config(cfg: CN) -> None:
     """MODEL.QUANT: the precision policy read by the conversion pass (aqd_d2.convert).
 
@@ -31,21 +52,12 @@ def add_config(cfg: CN) -> None:
     _C.MODEL.QUANT.A_BITS = 4
     # Components to quantize (AQD Table 4: backbone / +fpn / +head); each must be defined by
     # COMPONENT_PREFIXES and contain at least one conv/linear layer of the model.
-    _C.MODEL.QUANT.SCOPE = ["backbone", "fpn", "head"]
+    _C.MODEL.QUANT.SCOPE = list(DEFAULT_SCOPE)
     # "component:prefix" entries; a layer belongs to the component of the longest prefix
     # its name starts with, else to "other" (never quantized unless an override says so).
     # Defaults understand detectron2's names: FPN models (bottom_up = backbone; lateral,
     # output and top-block convs = fpn), plain backbones, RetinaNet/FCOS "head", R-CNN heads.
-    _C.MODEL.QUANT.COMPONENT_PREFIXES = [
-        "backbone:backbone.bottom_up.",
-        "fpn:backbone.fpn_lateral",
-        "fpn:backbone.fpn_output",
-        "fpn:backbone.top_block.",
-        "backbone:backbone.",
-        "head:head.",
-        "head:proposal_generator.",
-        "head:roi_heads.",
-    ]
+    _C.MODEL.QUANT.COMPONENT_PREFIXES = list(DEFAULT_COMPONENT_PREFIXES)
     # Give the first layer FIRST_LAST_BITS precision instead of W_BITS/A_BITS.
     _C.MODEL.QUANT.KEEP_FIRST_FP = True
     # Regex naming the first layer(s); "" = the first conv (registration order) of the
@@ -56,12 +68,7 @@ def add_config(cfg: CN) -> None:
     # Regexes of the final prediction layers: RetinaNet/FCOS head outputs, RPN outputs (with
     # BiDet's log-variance conv),
     # R-CNN box/mask predictors. Patterns matching nothing are fine (several archs).
-    _C.MODEL.QUANT.LAST_LAYERS = [
-        r"head\.(cls_score|bbox_pred|ctrness)",
-        r"proposal_generator\.rpn_head\.(objectness_logits|anchor_deltas|anchor_logvar)",
-        r"roi_heads\.box_predictor\..*",
-        r"roi_heads\.mask_head\.predictor",
-    ]
+    _C.MODEL.QUANT.LAST_LAYERS = list(DEFAULT_LAST_LAYERS)
     # Bits of the first/last layers: 32 = float (AQD); e.g. 8 = 8-bit. A side that is float
     # globally (W_BITS/A_BITS 32) stays float.
     _C.MODEL.QUANT.FIRST_LAST_BITS = 32
