@@ -60,6 +60,10 @@ def _cpu_worker(
     comm.synchronize()
     try:
         main_func(*args)
+        # every rank finishes its collectives before any rank tears gloo down: a rank that
+        # destroys the group while a peer still talks to it can abort the peer at exit
+        # ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
