@@ -9,9 +9,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Generated datasets are cached per test session (deterministic, so safe to share).
 if "AQD_TEST_KEEP_DATASETS" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
-    os.environ["DETECTRON2_DATASETS"] = tempfile.mkdtemp(prefix="aqd_d2_test_datasets_")
+    _DATASETS_TMP = tempfile.mkdtemp(prefix="aqd_d2_test_datasets_")
+    os.environ["DETECTRON2_DATASETS"] = _DATASETS_TMP
+    # Removed when the session's process exits (every run used to leave one behind).
+    atexit.register(shutil.rmtree, _DATASETS_TMP, True)
 
 import aqd_d2  # noqa: E402,F401  (compat + registrations before any test imports detectron2)
 
