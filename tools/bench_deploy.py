@@ -33,7 +33,7 @@
 2. Per layer, one thread: the int8 GEMM path (:class:`~aqd_d2.export.deploy.Int8ConvInference`,
    including encoding its input) vs ``torch.nn.Conv2d`` in float32, 4-bit and 2-bit, on the conv
    shapes of RetinaNet/Faster R-CNN R18-FPN at a 320 input.
-3. Packed file size (``save_packed``, format version 2) vs the float checkpoint (``torch.save``
+3. Packed file size (``save_packed``, format version 3) vs the float checkpoint (``torch.save``
    of the float model's ``state_dict``): binary Faster R-CNN R18-FPN with binarized box head,
    4-bit and 2-bit AQD RetinaNet R18-FPN, binary SSD300-VGG16 (configs/SSD/VGG16-VOC-XNOR.yaml).
    Float references of the binary detectors: their own config with MODEL.QUANT.ENABLED False.

@@ -57,7 +57,7 @@ from aqd_d2.layers import QConv2d, QLinear, QuantLayerMixin
 from .binary_conv import BinaryConv2dInference, binary_conv2d
 from .float_linear import convert_float_linears
 from .int8_gemm import Int8ConvInference, int8_gemm_available
-from .packing import _read, load_packed, unpack_bits
+from .packing import _read, entry_offset, load_packed, unpack_bits
 from .roi_pooler import convert_roi_poolers
 from .routing import measure_speedup, record_layer_inputs
 
@@ -395,6 +395,6 @@ def load_for_inference(model: nn.Module, path: str, **kwargs) -> Tuple[nn.Module
     encodings = {}
     for name, e in blob["packed"].items():
         codes = unpack_bits(e["data"], e["bits"], e["numel"]).view(e["shape"])
-        encodings[name] = (codes, e["step"], e["offset"])
+        encodings[name] = (codes, e["step"], entry_offset(e))
     kwargs.setdefault("inplace", True)
     return convert_for_inference(model, encodings=encodings, **kwargs)

@@ -1,23 +1,33 @@
 """Bit-packed checkpoints of quantized models.
 
-Bit packing (:func:`pack_bits` / :func:`unpack_bits`). ``n`` codes of ``k`` bits
-(1 <= k <= 8) form a stream of ``n*k`` bits: code ``i`` contributes its bits LSB first at
-stream positions ``i*k .. i*k+k-1``. The stream is cut into bytes, bit ``j`` of a byte being
-stream position ``8*b + j`` (little-endian bit order), and zero-padded to a whole byte, so
-the packed size is ``ceil(n*k/8)`` bytes. Unpacking needs ``k`` and ``n`` and is the exact
-inverse.
+Bit packing of k-bit codes: :mod:`.bitpack` (:func:`pack_bits` / :func:`unpack_bits`).
 
-Packed checkpoint (:func:`save_packed` / :func:`load_packed`). Version 2 (written by default)
-is a single-blob file (:mod:`.container`: magic, one compressed JSON header, one contiguous
-byte buffer, sizes and CRC-32s checked on reading); version 1 (still read, and written with
-``save_packed(..., version=1)``) is a ``torch.save`` file read back with
-``weights_only=True``. Both hold the same dict (loading runs no pickled code)::
+Packed checkpoint (:func:`save_packed` / :func:`load_packed`). Version 3 (written by default)
+and version 2 are single-blob files (:mod:`.container`: magic, one compressed JSON header,
+one contiguous byte buffer, sizes and CRC-32s checked on reading); version 1 (still read, and
+written with ``save_packed(..., version=1)``) is a ``torch.save`` file read back with
+``weights_only=True``. All hold the same dict (loading runs no pickled code)::
 
-    {"format": "aqd_d2.packed_checkpoint", "version": 1 or 2,
+    {"format": "aqd_d2.packed_checkpoint", "version": 1, 2 or 3,
      "shapes":  {state_dict key: shape}                 # architecture fingerprint, every key
      "tensors": {state_dict key: tensor}                # everything not packed, as is
      "packed":  {layer name: {"data": uint8 packed codes, "bits", "numel", "shape",
-                              "dtype", "method", "step", "offset"}}}
+                              "dtype", "method", "step", "offset"}},
+     "norms":   {norm name: {"a", "b", "eps", "keys"}}  # version 3 only
+
+Version 3 adds two exact savings:
+
+* ``offset`` may be ``{"neg_step_times": c}`` instead of a tensor, meaning ``offset == step *
+  -c`` (float32, bit for bit; checked when saving). Symmetric grids have it: a binary weight
+  ``+-alpha`` is ``codes * 2alpha - alpha`` (c = 1/2), a k-bit symmetric grid c = (2^k - 1)/2,
+  LSQ's c = 2^(k-1). It saves one float per output channel of every such layer.
+* batch norms are stored as their eval-mode affine map ``(a, b)`` (two vectors instead of
+  four; ``keys`` lists the state_dict keys they replace) and
+  loaded in a form that computes bit-identical outputs (:mod:`.bn_affine`, which checks this
+  per norm when saving). "BN folded where exact": folding ``a`` into a binary layer's scale
+  would change float rounding, so the norm stays a module. Such a file is for inference
+  (loading it for training would treat ``(a, b)`` as ``(gamma, beta)``);
+  ``save_packed(..., bn_affine=False)`` keeps the norms' own state.
 
 A layer is packed when it is a quantized layer (QConv2d/QLinear) whose weight quantizer is
 enabled, has at most 8 bits and an integer encoding (``encode``). Its ``weight`` is replaced
@@ -40,87 +50,32 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from aqd_d2.layers import QuantLayerMixin
 
+from .bitpack import pack_bits, unpack_bits
+from .bn_affine import affine_norms, check_identity_var, reparam_state
 from .container import ContainerError, is_container, read_container, write_container
 
 __all__ = [
     "pack_bits", "unpack_bits", "save_packed", "load_packed", "packed_size_report",
-    "PackedSizeReport", "PackedCheckpointError", "FORMAT", "VERSION",
+    "PackedSizeReport", "PackedCheckpointError", "FORMAT", "VERSION", "VERSIONS", "entry_offset",
 ]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "aqd_d2.packed_checkpoint"
-VERSION = 2  # the version save_packed writes; VERSIONS are read
-VERSIONS = (1, 2)
+VERSION = 3  # the version save_packed writes; VERSIONS are read
+VERSIONS = (1, 2, 3)
+_OFFSET_RULE = "neg_step_times"
 
 
 class PackedCheckpointError(RuntimeError):
     """A file that is not a (complete) aqd_d2 packed checkpoint, or one for another model."""
-
-
-# ---- bit packing -------------------------------------------------------------------------------
-def _check_bits(bits: int) -> int:
-    if not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an int in 1..8, got {bits!r}")
-    return bits
-
-
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes of ``bits`` bits each into bytes (layout in the module docstring).
-
-    Args:
-        codes: integer tensor of any shape, values in ``[0, 2**bits - 1]``; read flattened.
-        bits: 1..8.
-    Returns:
-        1-D ``uint8`` tensor of ``ceil(codes.numel() * bits / 8)`` bytes (on the CPU).
-    """
-    _check_bits(bits)
-    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
-    flat = codes.detach().reshape(-1).cpu()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2 ** bits):
-        raise ValueError(f"codes must lie in [0, {2 ** bits - 1}] for {bits} bits")
-    flat = flat.to(torch.uint8)
-    shifts = torch.arange(bits, dtype=torch.uint8)
-    stream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)  # (n*bits,) LSB first
-    stream = torch.cat([stream, stream.new_zeros((-stream.numel()) % 8)]).view(-1, 8)
-    out = torch.zeros(stream.shape[0], dtype=torch.uint8)
-    for j in range(8):
-        out |= stream[:, j] << j
-    return out
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`.
-
-    Args:
-        packed: 1-D ``uint8`` tensor of exactly ``ceil(numel * bits / 8)`` bytes.
-        bits: 1..8, as used for packing.
-        numel: number of codes.
-    Returns:
-        1-D ``uint8`` tensor of ``numel`` codes.
-    """
-    _check_bits(bits)
-    if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise ValueError(f"packed must be a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
-    if packed.numel() != math.ceil(numel * bits / 8):
-        raise ValueError(
-            f"{packed.numel()} bytes cannot hold exactly {numel} codes of {bits} bits "
-            f"(expected {math.ceil(numel * bits / 8)})"
-        )
-    stream = ((packed.cpu().unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)
-    b = stream[: numel * bits].view(numel, bits)
-    codes = torch.zeros(numel, dtype=torch.uint8)
-    for j in range(bits):
-        codes |= b[:, j] << j
-    return codes
 
 
 # ---- which layers are packed -------------------------------------------------------------------
@@ -148,6 +103,29 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _offset_rule(step: torch.Tensor, offset: torch.Tensor, bits: int) -> Optional[float]:
+    """``c`` with ``offset == step * -c`` bit for bit (version 3's implicit offset), else None."""
+    cands = [((1 << bits) - 1) / 2, float(1 << (bits - 1)), 0.0]
+    if step.numel() and offset.numel() and float(step.reshape(-1)[0]) != 0:
+        # any other half-integer c (e.g. TWN's ternary grid: codes 0, 1, 2 -> c = 1)
+        ratio = -2 * float(offset.reshape(-1)[0]) / float(step.reshape(-1)[0])
+        if math.isfinite(ratio):
+            cands.append(round(ratio) / 2)
+    for c in cands:
+        cand = step * -c
+        if cand.shape == offset.shape and cand.dtype == offset.dtype and torch.equal(cand, offset):
+            return c
+    return None
+
+
+def entry_offset(entry: Dict[str, Any]) -> torch.Tensor:
+    """The ``offset`` tensor of a ``packed`` entry (explicit, or version 3's implicit rule)."""
+    offset = entry["offset"]
+    if isinstance(offset, dict):
+        return entry["step"] * -float(offset[_OFFSET_RULE])
+    return offset
+
+
 @dataclass
 class PackedSizeReport:
     """Storage of a model's state (tensor payload only; file headers not counted).
@@ -155,13 +133,16 @@ class PackedSizeReport:
     Attributes:
         full_precision_bytes: bytes of every ``model.state_dict()`` tensor in its dtype.
         packed_bytes: the same with each packed weight counted as its packed codes
-            (``ceil(numel*bits/8)``) plus its ``step`` and ``offset`` tensors.
+            (``ceil(numel*bits/8)``) plus its ``step`` and (unless implicit) ``offset`` tensors,
+            and each norm stored as its affine map (version 3) counted as its two vectors.
         layers: per packed layer ``(name, numel, bits, weight bytes, packed bytes)``.
+        norms: per norm stored as its affine map ``(name, channels, bytes, stored bytes)``.
     """
 
     full_precision_bytes: int
     packed_bytes: int
     layers: List[Tuple[str, int, int, int, int]] = field(default_factory=list)
+    norms: List[Tuple[str, int, int, int]] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -169,28 +150,43 @@ class PackedSizeReport:
         return self.full_precision_bytes / max(self.packed_bytes, 1)
 
 
-def packed_size_report(model: nn.Module) -> PackedSizeReport:
+def _check_version(version: int) -> int:
+    if version not in VERSIONS:
+        raise ValueError(f"packed checkpoint version must be one of {VERSIONS}, got {version!r}")
+    return version
+
+
+def packed_size_report(model: nn.Module, version: int = VERSION, bn_affine: bool = True) -> PackedSizeReport:
     """Bytes of ``model``'s state at full precision vs. bit-packed (see PackedSizeReport).
 
     Args:
         model: a (converted) model.
+        version: the packed format to account for (version 3's savings apply to 3 only).
+        bn_affine: version 3: norms stored as their affine map (as :func:`save_packed`).
     Returns:
         a :class:`PackedSizeReport`.
     """
+    _check_version(version)
     full = sum(_tensor_bytes(t) for t in model.state_dict().values())
-    packed, rows = full, []
+    packed, rows, norms = full, [], []
     for name, layer, _, step, offset in _encoded_layers(model):
         numel, bits = layer.weight.numel(), layer.weight_quantizer.bits
         wbytes = _tensor_bytes(layer.weight)
-        pbytes = math.ceil(numel * bits / 8) + _tensor_bytes(step) + _tensor_bytes(offset)
+        implicit = version >= 3 and _offset_rule(step, offset, bits) is not None
+        pbytes = math.ceil(numel * bits / 8) + _tensor_bytes(step) + (0 if implicit else _tensor_bytes(offset))
         packed += pbytes - wbytes
         rows.append((name, numel, bits, wbytes, pbytes))
-    return PackedSizeReport(full, packed, rows)
+    if version >= 3 and bn_affine:
+        for name, norm, a, b in affine_norms(model):
+            before = sum(_tensor_bytes(t) for t in reparam_state(norm, a, b).values())
+            packed += _tensor_bytes(a) + _tensor_bytes(b) - before
+            norms.append((name, a.numel(), before, _tensor_bytes(a) + _tensor_bytes(b)))
+    return PackedSizeReport(full, packed, rows, norms)
 
 
 # ---- checkpoint writer / reader ----------------------------------------------------------------
 @torch.no_grad()
-def save_packed(model: nn.Module, path: str, version: int = VERSION) -> PackedSizeReport:
+def save_packed(model: nn.Module, path: str, version: int = VERSION, bn_affine: bool = True) -> PackedSizeReport:
     """Write ``model`` as a packed checkpoint (format in the module docstring), atomically.
 
     The file is written to a temporary file in the same directory and moved over ``path``
@@ -201,12 +197,14 @@ def save_packed(model: nn.Module, path: str, version: int = VERSION) -> PackedSi
     Args:
         model: a converted model (float layers are stored as they are).
         path: destination file.
-        version: file format, 2 (single blob, default) or 1 (``torch.save`` dict).
+        version: file format, 3 (default), 2 (single blob without version 3's savings) or 1
+            (``torch.save`` dict).
+        bn_affine: version 3: store batch norms as their eval-mode affine map (an inference
+            file; :mod:`.bn_affine`). False keeps their own state.
     Returns:
         the :class:`PackedSizeReport` of what was written.
     """
-    if version not in VERSIONS:
-        raise ValueError(f"packed checkpoint version must be one of {VERSIONS}, got {version!r}")
+    _check_version(version)
     state = model.state_dict()
     tensors: Dict[str, torch.Tensor] = {k: v.detach().cpu() for k, v in state.items()}
     packed: Dict[str, Dict[str, Any]] = {}
@@ -220,15 +218,25 @@ def save_packed(model: nn.Module, path: str, version: int = VERSION) -> PackedSi
         if not torch.equal(decoded, fake):
             logger.warning("%s: decoded weight differs from the fake-quantized one by up to %g",
                            name, float((decoded - fake).abs().max()))
+        c = _offset_rule(step, offset, int(q.bits)) if version >= 3 else None
         packed[name] = {
             "data": pack_bits(codes, q.bits), "bits": int(q.bits), "numel": codes.numel(),
             "shape": list(layer.weight.shape), "dtype": str(layer.weight.dtype).replace("torch.", ""),
-            "method": str(getattr(q, "method", type(q).__name__)), "step": step, "offset": offset,
+            "method": str(getattr(q, "method", type(q).__name__)), "step": step,
+            "offset": offset if c is None else {_OFFSET_RULE: c},
         }
         del tensors[f"{name}.weight"]
         tensors[f"{name}.weight_quantizer.enabled"] = torch.tensor(False)
     blob = {"format": FORMAT, "version": version, "packed": packed, "tensors": tensors,
             "shapes": {k: list(v.shape) for k, v in state.items()}}
+    if version >= 3:
+        norms: Dict[str, Dict[str, Any]] = {}
+        for name, norm, a, b in (affine_norms(model) if bn_affine else ()):
+            keys = [f"{name}.{k}" if name else k for k in reparam_state(norm, a, b)]
+            norms[name] = {"a": a, "b": b, "eps": float(norm.eps), "keys": keys}
+            for k in keys:
+                del tensors[k]
+        blob["norms"] = norms
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".packed-", suffix=".tmp", dir=directory)
     try:
@@ -244,11 +252,11 @@ def save_packed(model: nn.Module, path: str, version: int = VERSION) -> PackedSi
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return packed_size_report(model)
+    return packed_size_report(model, version, bn_affine)
 
 
 def _read(path: str) -> Dict[str, Any]:
-    """The checkpoint dict of a version 1 or 2 file (PackedCheckpointError naming ``path``
+    """The checkpoint dict of a version 1, 2 or 3 file (PackedCheckpointError naming ``path``
     for anything else)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(path)
@@ -269,13 +277,35 @@ def _read(path: str) -> Dict[str, Any]:
         container = False
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise PackedCheckpointError(f"{path}: not an aqd_d2 packed checkpoint (no format {FORMAT!r})")
-    if blob.get("version") != (VERSION if container else 1):
+    if blob.get("version") not in ((2, 3) if container else (1,)):
         raise PackedCheckpointError(f"{path}: packed checkpoint version {blob.get('version')!r}; "
                                     f"this aqd_d2 reads versions {VERSIONS}")
-    for key in ("packed", "tensors", "shapes"):
+    for key in ("packed", "tensors", "shapes") + (("norms",) if blob["version"] >= 3 else ()):
         if not isinstance(blob.get(key), dict):
             raise PackedCheckpointError(f"{path}: packed checkpoint lacks its {key!r} section")
     return blob
+
+
+def _norm_state(path: str, modules: Dict[str, nn.Module], norms: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """State_dict entries of the norms a version 3 file stores as affine maps."""
+    state: Dict[str, torch.Tensor] = {}
+    for name, e in norms.items():
+        norm = modules.get(name)
+        if norm is None or not hasattr(norm, "eps"):
+            raise PackedCheckpointError(f"{path}: norm {name!r} is not a batch norm of this model")
+        if float(norm.eps) != e["eps"]:
+            raise PackedCheckpointError(f"{path}: norm {name!r} was saved with eps {e['eps']!r}, "
+                                        f"this model's has eps {float(norm.eps)!r}")
+        problem = check_identity_var(norm)
+        if problem:
+            logger.warning("%s: norm %s: %s; its outputs differ from the saved model's at float "
+                           "rounding level", path, name, problem)
+        local = reparam_state(norm, e["a"], e["b"])
+        if sorted(f"{name}.{k}" if name else k for k in local) != sorted(e["keys"]):
+            raise PackedCheckpointError(f"{path}: norm {name!r} has state {sorted(local)}, the file "
+                                        f"replaced {e['keys']}")
+        state.update({f"{name}.{k}" if name else k: v for k, v in local.items()})
+    return state
 
 
 @torch.no_grad()
@@ -284,7 +314,9 @@ def load_packed(model: nn.Module, path: str) -> List[str]:
 
     Packed weights are decoded into the layers' ``weight`` and their weight quantizers are
     disabled (see module docstring), so the model's outputs equal those of the saved
-    fake-quantized model. Everything else is loaded with ``load_state_dict(strict=True)``.
+    fake-quantized model. Norms stored as affine maps (version 3) get the state that computes
+    the same outputs (:mod:`.bn_affine`). Everything else is loaded with
+    ``load_state_dict(strict=True)``.
 
     Args:
         model: the model to fill (modified in place).
@@ -317,7 +349,8 @@ def load_packed(model: nn.Module, path: str) -> List[str]:
             codes = unpack_bits(entry["data"], entry["bits"], entry["numel"])
         except ValueError as e:
             raise PackedCheckpointError(f"{path}: packed layer {name!r}: {e}") from None
-        w = layer.weight_quantizer.decode(codes.view(entry["shape"]), entry["step"], entry["offset"])
+        w = layer.weight_quantizer.decode(codes.view(entry["shape"]), entry["step"], entry_offset(entry))
         state[f"{name}.weight"] = w.to(getattr(torch, entry["dtype"]))
+    state.update(_norm_state(path, modules, blob.get("norms", {})))
     model.load_state_dict(state, strict=True)
     return list(blob["packed"])
