@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Export a trained (fake-)quantized detector to a packed file: 1-bit weights as bits with
-their per-channel scales, k-bit weights as k-bit codes with step/offset, everything else
-(float layers, BN, quantizer state) as is (format: :mod:`aqd_d2.export.packing`).
+their per-channel scales, k-bit weights as k-bit codes with step/offset, batch norms as
+their eval-mode affine map (bit-identical outputs; ``--keep-bn-state`` stores their own
+state instead, for a file meant for fine-tuning), everything else (float layers, quantizer
+state) as is (format: :mod:`aqd_d2.export.packing`, version 3 unless ``--format-version``).
 
     python tools/export_model.py --config-file configs/FasterRCNN/R18-FPN-shapes-cpu-binary-boxhead.yaml \
         --weights output/.../model_final.pth --output model.packed [KEY VALUE ...]
@@ -31,6 +33,11 @@ def main(argv=None) -> int:
     p.add_argument("--config-file", required=True)
     p.add_argument("--weights", default="", help="trained checkpoint of the config's model")
     p.add_argument("--output", required=True, help="packed file to write")
+    p.add_argument("--keep-bn-state", action="store_true",
+                   help="store batch norms' gamma/beta/mean/var instead of their eval-mode affine map")
+    p.add_argument("--format-version", type=int, default=3, choices=[1, 2, 3],
+                   help="packed file format (1: torch.save dict, 2: container, 3: container with "
+                        "implicit offsets and affine batch norms)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = p.parse_args(argv)
     cfg = get_cfg()
@@ -45,7 +52,7 @@ def main(argv=None) -> int:
     else:
         logging.getLogger(__name__).warning("no --weights: exporting the randomly initialised model")
     model.eval()
-    report = save_packed(model, args.output)
+    report = save_packed(model, args.output, version=args.format_version, bn_affine=not args.keep_bn_state)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     import os

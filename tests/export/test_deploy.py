@@ -215,6 +215,16 @@ def test_export_and_infer_tools(tmp_path):
     res = run(str(REPO / "tools/export_model.py"), "--config-file", cfg, "--output", str(packed), *narrow)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "packed layers" in res.stdout
+    # --keep-bn-state: the norms keep gamma/beta/mean/var (a file for fine-tuning), bigger
+    kept = tmp_path / "kept.packed"
+    res = run(str(REPO / "tools/export_model.py"), "--config-file", cfg, "--output", str(kept),
+              "--keep-bn-state", *narrow)
+    assert res.returncode == 0, res.stderr[-3000:]
+    from aqd_d2.export.packing import _read
+
+    affine, full = _read(str(packed)), _read(str(kept))
+    assert full["norms"] == {} and len(affine["norms"]) > 20
+    assert kept.stat().st_size > packed.stat().st_size
     res = run(str(REPO / "tools/infer_packed.py"), "--config-file", cfg, "--packed", str(packed),
               "--dataset", "aqd_shapes_tiny_val", "--num-images", "2", "--output", str(png),
               "--threads", "1", *narrow)
