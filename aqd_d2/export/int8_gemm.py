@@ -1,21 +1,53 @@
-"""k-bit conv / linear inference on int8 codes with an exact int32 accumulator
-(``torch._int_mm``, PyTorch's int8 x int8 -> int32 CPU GEMM), used by
+"""k-bit conv / linear inference on int8 codes with an exact int32 accumulator, used by
 :func:`aqd_d2.export.deploy.convert_for_inference` for 2..7-bit layers.
+
+Two implementations of the same integer arithmetic (:class:`Int8ConvInference`):
+
+* the fused C++ kernel ``aqd_binary::int8_conv2d`` (``csrc/int8_conv.cpp``, built with the
+  binary conv extension by :mod:`._ext_build`): the input codes are packed into a padded
+  NHWC buffer in one pass and convolved directly (no im2col copy) with AVX-512 VNNI
+  ``vpdpbusd`` (u8 input codes x s8 weight codes -> int32), AVX2 ``vpmaddubsw`` or portable
+  C++, chosen at run time from the CPU's features; the float epilogue runs on each int32
+  tile while it is in cache;
+* the PyTorch path: NHWC pad copy + ``as_strided`` im2col + ``torch._int_mm`` (PyTorch's
+  int8 x int8 -> int32 CPU GEMM) + float epilogue.
+
+Both give the same int32 accumulators; the only rounding is the final float32 scaling, one
+fused multiply-add per term (``torch.addcmul`` rounds once on CPUs with FMA; the C++
+epilogue uses FMA explicitly), so the two paths agree bit for bit there.
+
+Environment: ``AQD_INT8_KERNEL`` = ``auto`` (default: the C++ kernel where the extension
+loads and the CPU has AVX-512 VNNI, where it was measured faster than the PyTorch path;
+else the PyTorch path) | ``torch`` | ``cpp`` (require the extension; error if unavailable);
+``AQD_INT8_ISA`` = ``generic`` | ``avx2`` | ``avx512vnni`` forces one C++ variant (and the C++
+kernel under ``auto``). While the JIT tracer runs (FLOP counting), the PyTorch path is used,
+so that its ``aten::_int_mm`` is counted.
 
 Why not ``torch.ao.nn.quantized.Conv2d`` (fbgemm)? It is about as fast here (see
 tools/bench_deploy.py) but re-quantizes its *output* to 8 bits, a precision loss that the
-fake-quantized model does not have; ``_int_mm`` keeps the exact accumulator and the only
-rounding is the final float32 scaling.
+fake-quantized model does not have.
 """
 from __future__ import annotations
 
 import copy
-from typing import Optional, Tuple
+import functools
+import os
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["Int8ConvInference", "int8_gemm_available"]
+from ._ext_build import OPS_NAMESPACE, load_extension
+
+__all__ = [
+    "INT8_ISA_NAMES", "INT8_KERNEL_CHOICES", "Int8ConvInference", "int8_available_isas",
+    "int8_gemm_available", "int8_kernel_backend",
+]
+
+INT8_ISA_NAMES = ("generic", "avx2", "avx512vnni")  # index = the extension's isa id
+INT8_KERNEL_CHOICES = ("auto", "torch", "cpp")
+LANES = 16  # output channels per weight vector of the C++ kernel (csrc/int8_conv.h: kLanes)
+
 
 def int8_gemm_available() -> bool:
     """True when ``torch._int_mm`` runs on the CPU here."""
@@ -26,6 +58,53 @@ def int8_gemm_available() -> bool:
         return int(torch._int_mm(a, torch.ones(8, 8, dtype=torch.int8))[0, 0]) == 8
     except RuntimeError:
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def _available_isas() -> Tuple[str, ...]:
+    if not load_extension():
+        return ()
+    return tuple(INT8_ISA_NAMES[i] for i in getattr(torch.ops, OPS_NAMESPACE).int8_available_isas())
+
+
+def int8_available_isas() -> List[str]:
+    """The C++ kernel variants this CPU and build run (empty without the extension)."""
+    return list(_available_isas())
+
+
+def _env_choice(var: str, allowed: Tuple[str, ...], default: str) -> str:
+    value = os.environ.get(var, "") or default
+    if value not in allowed:
+        raise ValueError(f"${var}={value!r}: allowed values are {', '.join(allowed)}")
+    return value
+
+
+def int8_kernel_backend() -> Tuple[str, int]:
+    """``(backend, isa id)`` that :class:`Int8ConvInference` uses now: ``("torch", -1)`` or
+    ``("cpp", id)`` (an index of :data:`INT8_ISA_NAMES`), from ``$AQD_INT8_KERNEL`` and
+    ``$AQD_INT8_ISA`` (module docstring).
+
+    Raises:
+        ValueError: an environment value outside the allowed ones.
+        RuntimeError: ``cpp`` or an ISA was requested and is not available.
+    """
+    kernel = _env_choice("AQD_INT8_KERNEL", INT8_KERNEL_CHOICES, "auto")
+    isa = _env_choice("AQD_INT8_ISA", ("",) + INT8_ISA_NAMES, "")
+    if kernel == "torch":
+        return "torch", -1
+    available = _available_isas()
+    if isa:
+        if isa not in available:
+            raise RuntimeError(f"$AQD_INT8_ISA={isa!r} is not available here (available: "
+                               f"{', '.join(available) or 'none, the C++ extension did not load'})")
+        return "cpp", INT8_ISA_NAMES.index(isa)
+    if kernel == "cpp":
+        if not available:
+            raise RuntimeError("$AQD_INT8_KERNEL=cpp but the C++ extension did not load")
+        return "cpp", INT8_ISA_NAMES.index(available[-1])
+    if "avx512vnni" in available:
+        return "cpp", INT8_ISA_NAMES.index("avx512vnni")
+    return "torch", -1
 
 
 class Int8ConvInference(nn.Module):
@@ -77,6 +156,19 @@ class Int8ConvInference(nn.Module):
         if self.has_sum_column:
             w = torch.cat([w, torch.ones(1, w.shape[1], dtype=torch.int16)], 0)
         self.register_buffer("weight_int8", w.t().contiguous().to(torch.int8))
+        # the same weights for the C++ kernel: [OV, KS, 16, 4], channels padded to Cp = 4 *
+        # ceil(C / 4), columns to 16 * OV, KS = KH * KW * Cp / 4; and each column's sum
+        # (csrc/int8_conv.cpp). Derived from weight_int8 here, hence not saved separately.
+        cols, c = w.shape[0], self.in_channels
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        cp, ov = -(-c // 4) * 4, -(-cols // LANES)
+        wp = torch.zeros(ov * LANES, taps, cp, dtype=torch.int16)
+        wp[:cols, :, :c] = w.reshape(cols, taps, c)
+        wp = wp.reshape(ov, LANES, taps * cp // 4, 4).permute(0, 2, 1, 3).contiguous()
+        self.register_buffer("weight_packed", wp.to(torch.int8), persistent=False)
+        wsum = torch.zeros(ov * LANES, dtype=torch.int32)
+        wsum[:cols] = w.sum(1).to(torch.int32)
+        self.register_buffer("weight_sum", wsum, persistent=False)
         bias_d = bias.detach().double() if bias is not None else torch.zeros(o, dtype=torch.float64)
         if bn is not None:  # (s_w A + o'_w S) s_x + b, then * scale + shift
             wscale, wshift = wscale * bn[0].double(), wshift * bn[0].double()
@@ -88,20 +180,52 @@ class Int8ConvInference(nn.Module):
         self.norm = None if bn is not None else copy.deepcopy(norm)
         self.activation = copy.deepcopy(activation)
 
-    def _input_codes(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """Input codes ``c_x`` (uint8, like ``x``), step ``s_x`` (0-d) and zero point ``z``
+        (``x_q = s_x (c_x - z)``)."""
         codes, step, offset = self.input_quantizer.encode(x)
         step = step.reshape(())
-        zero = torch.round(-offset.reshape(()) / step)
-        if float(zero) == 0:  # codes <= 127 (at most 7 bits): the same bits as int8
-            # (a dtype view is free; the JIT tracer used by the FLOP counter cannot record it)
-            return (codes.to(torch.int8) if torch.jit.is_tracing() else codes.view(torch.int8)), step
-        return (codes.to(torch.int16) - int(zero)).to(torch.int8), step
+        return codes, step, int(torch.round(-offset.reshape(()) / step))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xi, sx = self._input_codes(x.detach() if x.dtype == torch.float32 else x.detach().float())
+        """Args:
+            x: float input ``[N, C, H, W]`` (conv, any memory format) or ``[..., C]`` (linear).
+        Returns:
+            float32 ``[N, O, OH, OW]`` in channels_last memory (conv) or ``[..., O]`` (linear).
+        """
+        codes, sx, zero = self._encode(x.detach() if x.dtype == torch.float32 else x.detach().float())
+        backend, isa = ("torch", -1) if torch.jit.is_tracing() else int8_kernel_backend()
+        y = self._forward_cpp(codes, sx, zero, isa) if backend == "cpp" else self._forward_torch(codes, sx, zero)
+        if self.norm is not None:
+            y = self.norm(y)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
+    def _forward_cpp(self, codes: torch.Tensor, sx: torch.Tensor, zero: int, isa: int) -> torch.Tensor:
+        """The fused C++ kernel (``aqd_binary::int8_conv2d``) on the uint8 codes."""
+        o = self.out_channels
+        shift = self.w_shift * sx if self.has_sum_column else None
+        args = (zero, self.weight_packed, self.weight_sum, self.w_scale * sx, shift, self.bias, o)
+        op = getattr(torch.ops, OPS_NAMESPACE).int8_conv2d
+        if self.linear:  # [M, C] codes = an NHWC image of M x 1 pixels, 1x1 kernel
+            lead = codes.shape[:-1]
+            img = codes.reshape(1, -1, 1, self.in_channels).permute(0, 3, 1, 2)
+            y = op(img, *args, [1, 1], [1, 1], [0, 0], [1, 1], isa)
+            return y.permute(0, 2, 3, 1).reshape(*lead, o)
+        return op(codes, *args, list(self.kernel_size), list(self.stride), list(self.padding),
+                  list(self.dilation), isa)
+
+    def _forward_torch(self, codes: torch.Tensor, sx: torch.Tensor, zero: int) -> torch.Tensor:
+        """NHWC pad + im2col + ``torch._int_mm`` + float epilogue on ``c_x - z`` as int8."""
+        if zero == 0:  # codes <= 127 (at most 7 bits): the same bits as int8
+            # (a dtype view is free; the JIT tracer used by the FLOP counter cannot record it)
+            xi = codes.to(torch.int8) if torch.jit.is_tracing() else codes.view(torch.int8)
+        else:
+            xi = (codes.to(torch.int16) - zero).to(torch.int8)
         o = self.out_channels
         if self.linear:
-            lead = x.shape[:-1]
+            lead = xi.shape[:-1]
             cols = xi.reshape(-1, self.in_channels)
         else:
             n, c, h, w = xi.shape
@@ -131,14 +255,8 @@ class Int8ConvInference(nn.Module):
         else:
             y = torch.addcmul(self.bias, acc, self.w_scale * sx)
         if self.linear:
-            y = y.reshape(*lead, o)
-        else:
-            y = y.view(n, oh, ow, o).permute(0, 3, 1, 2)  # channels_last memory
-        if self.norm is not None:
-            y = self.norm(y)
-        if self.activation is not None:
-            y = self.activation(y)
-        return y
+            return y.reshape(*lead, o)
+        return y.view(n, oh, ow, o).permute(0, 3, 1, 2)  # channels_last memory
 
     def extra_repr(self) -> str:
         kind = "linear" if self.linear else f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
