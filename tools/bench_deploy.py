@@ -30,9 +30,11 @@
    conversion with ``roi_pooler=False, float_linear=False``) are timed in the same rounds.
    ``--profile`` adds
    torch.profiler's top operators; ``--isa avx2`` forces the AVX2 kernel variant.
-2. Per layer, one thread: the int8 GEMM path (:class:`~aqd_d2.export.deploy.Int8ConvInference`,
-   including encoding its input) vs ``torch.nn.Conv2d`` in float32, 4-bit and 2-bit, on the conv
-   shapes of RetinaNet/Faster R-CNN R18-FPN at a 320 input.
+2. Per layer, one thread: the int8 path (:class:`~aqd_d2.export.deploy.Int8ConvInference`,
+   including encoding its input; the fused C++ kernel or torch._int_mm, see
+   ``AQD_INT8_KERNEL``) vs ``torch.nn.Conv2d`` in float32, the faster of NCHW and
+   channels_last, 4-bit and 2-bit, on the conv shapes of RetinaNet/Faster R-CNN R18-FPN at a
+   320 input.
 3. Packed file size (``save_packed``, format version 3) vs the float checkpoint (``torch.save``
    of the float model's ``state_dict``): binary Faster R-CNN R18-FPN with binarized box head,
    4-bit and 2-bit AQD RetinaNet R18-FPN, binary SSD300-VGG16 (configs/SSD/VGG16-VOC-XNOR.yaml).
@@ -41,6 +43,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import os
@@ -59,6 +62,7 @@ from detectron2.modeling import build_model
 from aqd_d2.export import save_packed
 from aqd_d2.export.binary_conv import kernel_backend
 from aqd_d2.export.deploy import Int8ConvInference, convert_for_inference, int8_gemm_available
+from aqd_d2.export.int8_gemm import INT8_ISA_NAMES, int8_kernel_backend
 from aqd_d2.quantization import build_quantizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -251,17 +255,25 @@ def bench_end_to_end(shape, repeats: int, stages: bool = True, profile: bool = F
 
 
 def bench_layers(repeats: int) -> list:
+    """Per conv shape of :data:`LAYERS`: Int8ConvInference (4-bit and 2-bit, input encoding
+    included, NCHW float input) vs the float32 conv, whose time is the faster of an NCHW and a
+    channels_last run (weight and input in that memory format), as issue 7 defines the
+    baseline. The int8 kernel used (C++ variant or torch._int_mm) is printed."""
     if not int8_gemm_available():
         print("torch._int_mm unavailable: int8 layers fall back to float; skipped")
         return []
-    print(f"\n== per layer, int8 GEMM (torch._int_mm) vs float32 conv, {torch.get_num_threads()} thread(s), "
-          f"median of {repeats}")
+    backend, isa = int8_kernel_backend()
+    kernel = f"C++ kernel, {INT8_ISA_NAMES[isa]}" if backend == "cpp" else "torch._int_mm"
+    print(f"\n== per layer, int8 path ({kernel}) vs float32 conv (min of NCHW and channels_last), "
+          f"{torch.get_num_threads()} thread(s), median of {repeats}")
     out = []
     g = torch.Generator().manual_seed(0)
     for c, o, hw, k, s in LAYERS:
         x = torch.randn(1, c, hw, hw, generator=g).relu()
         conv = torch.nn.Conv2d(c, o, k, stride=s, padding=k // 2).eval()
-        fns = {"float": lambda: conv(x)}
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
+        fns = {"float": lambda: conv(x), "float_cl": lambda: conv_cl(x_cl)}
         for bits in (4, 2):
             wq = build_quantizer("lsq", bits, "weight").eval()
             aq = build_quantizer("lsq", bits, "activation").eval()
@@ -270,11 +282,14 @@ def bench_layers(repeats: int) -> list:
             fns[f"{bits}bit"] = lambda m=mod: m(x)
         with torch.no_grad():
             t = interleaved(fns, repeats, inner=5, warmup=5)
-        row = {"layer": f"{c}->{o} {k}x{k}/s{s} @{hw}x{hw}", "float_ms": t["float"] * 1e3,
+        t_float = min(t["float"], t["float_cl"])
+        row = {"layer": f"{c}->{o} {k}x{k}/s{s} @{hw}x{hw}", "float_ms": t_float * 1e3,
+               "float_nchw_ms": t["float"] * 1e3, "float_channels_last_ms": t["float_cl"] * 1e3,
                "int8_4bit_ms": t["4bit"] * 1e3, "int8_2bit_ms": t["2bit"] * 1e3,
-               "ratio_4bit": t["float"] / t["4bit"], "ratio_2bit": t["float"] / t["2bit"]}
+               "ratio_4bit": t_float / t["4bit"], "ratio_2bit": t_float / t["2bit"]}
         out.append(row)
-        print(f"  {row['layer']:28s} float {row['float_ms']:7.2f} ms | 4-bit {row['int8_4bit_ms']:6.2f} ms "
+        print(f"  {row['layer']:28s} float {row['float_ms']:7.2f} ms (NCHW {row['float_nchw_ms']:6.2f}, "
+              f"CL {row['float_channels_last_ms']:6.2f}) | 4-bit {row['int8_4bit_ms']:6.2f} ms "
               f"({row['ratio_4bit']:4.2f}x) | 2-bit {row['int8_2bit_ms']:6.2f} ms ({row['ratio_2bit']:4.2f}x)")
     ratios = [r[f"ratio_{b}bit"] for r in out for b in (4, 2)]
     print(f"  {sum(x >= 1.6 for x in ratios)} of {len(ratios)} layer/bit-width pairs reach 1.6x; "

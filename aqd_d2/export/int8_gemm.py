@@ -4,8 +4,9 @@
 Two implementations of the same integer arithmetic (:class:`Int8ConvInference`):
 
 * the fused C++ kernel ``aqd_binary::int8_conv2d`` (``csrc/int8_conv.cpp``, built with the
-  binary conv extension by :mod:`._ext_build`): the input codes are packed into a padded
-  NHWC buffer in one pass and convolved directly (no im2col copy) with AVX-512 VNNI
+  binary conv extension by :mod:`._ext_build`): the input is encoded (LSQ, LIQ and DoReFa
+  activation quantizers: in the kernel, :func:`fused_encoding`; others: by the quantizer's
+  ``encode`` first) and packed into a padded NHWC buffer in one pass and convolved directly (no im2col copy) with AVX-512 VNNI
   ``vpdpbusd`` (u8 input codes x s8 weight codes -> int32), AVX2 ``vpmaddubsw`` or portable
   C++, chosen at run time from the CPU's features; the float epilogue runs on each int32
   tile while it is in cache;
@@ -40,8 +41,8 @@ from torch import nn
 from ._ext_build import OPS_NAMESPACE, load_extension
 
 __all__ = [
-    "INT8_ISA_NAMES", "INT8_KERNEL_CHOICES", "Int8ConvInference", "int8_available_isas",
-    "int8_gemm_available", "int8_kernel_backend",
+    "INT8_ISA_NAMES", "INT8_KERNEL_CHOICES", "Int8ConvInference", "fused_encoding",
+    "int8_available_isas", "int8_gemm_available", "int8_kernel_backend",
 ]
 
 INT8_ISA_NAMES = ("generic", "avx2", "avx512vnni")  # index = the extension's isa id
@@ -105,6 +106,39 @@ def int8_kernel_backend() -> Tuple[str, int]:
     if "avx512vnni" in available:
         return "cpp", INT8_ISA_NAMES.index("avx512vnni")
     return "torch", -1
+
+
+def fused_encoding(quantizer: nn.Module, x: torch.Tensor) -> Optional[Tuple[List[float], float, int]]:
+    """The input quantizer's encoding for the C++ kernel, which then encodes while it packs
+    (csrc/int8_conv.h, ``Encoding``): ``[m, lo, hi, add, mode]`` with mode 0
+    ``c = round(clamp(x * m, lo, hi)) + add`` and mode 1 ``c = round(clamp(x, lo, hi) * m) + add``,
+    the arithmetic of the quantizer's ``encode`` (LSQ: ``m = 1/s``, ``add = Qn``; LIQ
+    activations: ``m = q/alpha``; DoReFa activations: ``clip(x, 0, 1) * q``), with the step
+    ``s_x`` and zero point ``z`` that ``encode`` returns (``x_q = s_x (c - z)``).
+
+    Args:
+        quantizer: the layer's activation quantizer (eval mode).
+        x: the input (for its dtype and device only).
+    Returns:
+        ``(encoding, s_x, z)``, or None for any other quantizer (its own ``encode`` runs first).
+    """
+    from aqd_d2.quantization.liq import LIQKernel
+    from aqd_d2.quantization.uniform import DoReFaActivationKernel, LSQKernel
+
+    k = getattr(quantizer, "kernel", None)
+    if type(k) is LSQKernel:
+        s, rs, _ = k._consts(x, *quantizer.quant_params())  # Python floats on CPU
+        if not isinstance(rs, float):
+            return None
+        return [rs, float(-k.qn), float(k.qp), float(k.qn), 0.0], s, k.qn
+    if type(k) is LIQKernel and not k.signed:
+        consts, _ = k._affine(x.reshape(-1)[:1], *quantizer.quant_params())  # s = x * (q / a)
+        if not isinstance(consts.a, float):
+            return None
+        return [k.levels / consts.a, 0.0, float(k.levels), 0.0, 0.0], consts.step, 0
+    if type(k) is DoReFaActivationKernel:
+        return [float(k.levels), 0.0, 1.0, 0.0, 1.0], 1.0 / k.levels, 0
+    return None
 
 
 class Int8ConvInference(nn.Module):
@@ -193,28 +227,36 @@ class Int8ConvInference(nn.Module):
         Returns:
             float32 ``[N, O, OH, OW]`` in channels_last memory (conv) or ``[..., O]`` (linear).
         """
-        codes, sx, zero = self._encode(x.detach() if x.dtype == torch.float32 else x.detach().float())
+        x = x.detach() if x.dtype == torch.float32 else x.detach().float()
         backend, isa = ("torch", -1) if torch.jit.is_tracing() else int8_kernel_backend()
-        y = self._forward_cpp(codes, sx, zero, isa) if backend == "cpp" else self._forward_torch(codes, sx, zero)
+        fused = fused_encoding(self.input_quantizer, x) if backend == "cpp" and x.numel() else None
+        if fused is not None:  # the kernel encodes while it packs
+            y = self._forward_cpp(x, *fused, isa)
+        else:
+            codes, sx, zero = self._encode(x)
+            y = (self._forward_cpp(codes, None, float(sx), zero, isa) if backend == "cpp"
+                 else self._forward_torch(codes, sx, zero))
         if self.norm is not None:
             y = self.norm(y)
         if self.activation is not None:
             y = self.activation(y)
         return y
 
-    def _forward_cpp(self, codes: torch.Tensor, sx: torch.Tensor, zero: int, isa: int) -> torch.Tensor:
-        """The fused C++ kernel (``aqd_binary::int8_conv2d``) on the uint8 codes."""
+    def _forward_cpp(self, x: torch.Tensor, enc: Optional[List[float]], sx: float, zero: int,
+                     isa: int) -> torch.Tensor:
+        """The fused C++ kernel (``aqd_binary::int8_conv2d``) on uint8 codes (``enc`` None) or
+        on the float input with its encoding ``enc`` (:func:`fused_encoding`); ``sx`` is the
+        input step (rounded to float32 by the kernel), ``zero`` the zero point."""
         o = self.out_channels
-        shift = self.w_shift * sx if self.has_sum_column else None
-        args = (zero, self.weight_packed, self.weight_sum, self.w_scale * sx, shift, self.bias, o)
+        shift = self.w_shift if self.has_sum_column else None
+        args = (enc, zero, sx, self.weight_packed, self.weight_sum, self.w_scale, shift, self.bias, o)
         op = getattr(torch.ops, OPS_NAMESPACE).int8_conv2d
-        if self.linear:  # [M, C] codes = an NHWC image of M x 1 pixels, 1x1 kernel
-            lead = codes.shape[:-1]
-            img = codes.reshape(1, -1, 1, self.in_channels).permute(0, 3, 1, 2)
+        if self.linear:  # [M, C] = an NHWC image of M x 1 pixels, 1x1 kernel
+            lead = x.shape[:-1]
+            img = x.reshape(1, -1, 1, self.in_channels).permute(0, 3, 1, 2)
             y = op(img, *args, [1, 1], [1, 1], [0, 0], [1, 1], isa)
             return y.permute(0, 2, 3, 1).reshape(*lead, o)
-        return op(codes, *args, list(self.kernel_size), list(self.stride), list(self.padding),
-                  list(self.dilation), isa)
+        return op(x, *args, self.kernel_size, self.stride, self.padding, self.dilation, isa)
 
     def _forward_torch(self, codes: torch.Tensor, sx: torch.Tensor, zero: int) -> torch.Tensor:
         """NHWC pad + im2col + ``torch._int_mm`` + float epilogue on ``c_x - z`` as int8."""

@@ -7,7 +7,8 @@
 //
 // Arithmetic (exact in int32; the only rounding is the final float32 scaling):
 //   codes  uint8 [N, C, H, W] (NCHW or channels_last memory), input value x = s_x (c - z),
-//          z = `zero` in [0, 127]; codes <= 127 (at most 7 bits).
+//          z = `zero` in [0, 127]; codes <= 127 (at most 7 bits). Or the float32 input
+//          itself with `encode` (pack_rows_float): the codes are computed in the pack.
 //   weight int8 [OV][KS][16][4]: the int8 GEMM weight of Int8ConvInference, o in [0, O')
 //          (O' = O, or O + 1 with the all-ones "sum column"), k = (kh, kw, c) with c padded
 //          to Cp = ceil(C / 4) * 4, KS = KH * KW * Cp / 4; padded entries are 0.
@@ -18,7 +19,7 @@
 // Epilogue per output channel o < O, in float32, each term a fused multiply-add (rounded
 // once, as torch.addcmul does on CPUs with FMA):
 //   y = fma(float(A'[o]), scale[o], bias[o]);  with a sum column: y = fma(float(A'[O]), shift[o], y)
-// (scale = w_scale * s_x and shift = w_shift * s_x, computed by the caller). Output: float32
+// (scale = w_scale * s_x and shift = w_shift * s_x, formed in float32 here; s_x = `step`). Output: float32
 // [N, O, OH, OW] in channels_last memory, as the PyTorch path returns.
 //
 // Work split: one OpenMP region with torch's thread count: the pack over (n, padded row),
@@ -89,10 +90,6 @@ const float* channel_vector(const at::Tensor& t, int64_t O, const char* name) {
   return t.const_data_ptr<float>();
 }
 
-struct Geom {
-  int64_t N, C, H, W, Cp, Hp, Wp, O, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, KS, OV;
-  bool in_nhwc;
-};
 
 // Padded NHWC rows [r0, r1) of the flattened (n, padded row) index: padding pixels and the
 // channel tail hold z (the weights of the tail channels are 0).
@@ -121,14 +118,57 @@ void pack_rows(const Geom& g, const uint8_t* src, uint8_t* dst, uint8_t z, int64
   }
 }
 
-at::Tensor int8_conv2d(const at::Tensor& codes, int64_t zero, const at::Tensor& weight,
+// pack_rows for float input: the codes of each value, in the same layout as pack_rows.
+void pack_rows_float_generic(const Geom& g, const float* src, uint8_t* dst, uint8_t z,
+                             const Encoding& e, int64_t r0, int64_t r1) {
+  const int64_t row = g.Wp * g.Cp;
+  std::vector<uint8_t> tmp(g.in_nhwc ? 0 : g.W);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / g.Hp, h = r % g.Hp - g.ph;
+    uint8_t* d = dst + r * row;
+    std::memset(d, z, row);
+    if (h < 0 || h >= g.H) continue;
+    d += g.pw * g.Cp;
+    if (g.in_nhwc) {
+      const float* s = src + (n * g.H + h) * g.W * g.C;
+      for (int64_t w = 0; w < g.W; ++w)
+        for (int64_t c = 0; c < g.C; ++c) d[w * g.Cp + c] = encode_one(s[w * g.C + c], e);
+    } else {
+      const int64_t plane = g.H * g.W;
+      const float* s = src + n * g.C * plane + h * g.W;
+      for (int64_t c = 0; c < g.C; ++c) {
+        const float* sc = s + c * plane;
+        for (int64_t w = 0; w < g.W; ++w) tmp[w] = encode_one(sc[w], e);  // vectorizable
+        for (int64_t w = 0; w < g.W; ++w) d[w * g.Cp + c] = tmp[w];
+      }
+    }
+  }
+}
+
+at::Tensor int8_conv2d(const at::Tensor& codes, std::optional<at::ArrayRef<double>> encode,
+                       int64_t zero, double step, const at::Tensor& weight,
                        const at::Tensor& wsum, const at::Tensor& scale,
                        const std::optional<at::Tensor>& shift, const at::Tensor& bias,
                        int64_t out_channels, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t isa) {
   const char* op = "aqd_binary.int8_conv2d: ";
-  TORCH_CHECK(codes.dim() == 4 && codes.device().is_cpu() && codes.scalar_type() == at::kByte,
-              op, "codes must be a 4-D uint8 CPU tensor (N, C, H, W)");
+  const bool fused = encode.has_value();
+  TORCH_CHECK(codes.dim() == 4 && codes.device().is_cpu() &&
+                  codes.scalar_type() == (fused ? at::kFloat : at::kByte),
+              op, "input must be a 4-D CPU tensor (N, C, H, W): uint8 codes, or float32 with "
+              "encode = [m, lo, hi, add, mode]");
+  Encoding enc{1.f, 0.f, 0.f, 0, 0};
+  if (fused) {
+    const auto& e = *encode;
+    TORCH_CHECK(e.size() == 5 && (e[4] == 0 || e[4] == 1), op,
+                "encode must be [m, lo, hi, add, mode] with mode 0 or 1");
+    enc = {static_cast<float>(e[0]), static_cast<float>(e[1]), static_cast<float>(e[2]),
+           static_cast<int32_t>(e[3]), static_cast<int64_t>(e[4])};
+    const double cmin = (enc.mode == 0 ? e[1] : e[1] * e[0]) + e[3];
+    const double cmax = (enc.mode == 0 ? e[2] : e[2] * e[0]) + e[3];
+    TORCH_CHECK(e[1] <= e[2] && cmin >= 0 && cmax <= 127, op,
+                "encode gives codes in [", cmin, ", ", cmax, "], outside [0, 127]");
+  }
   TORCH_CHECK(zero >= 0 && zero <= 127, op, "zero point must be in [0, 127], got ", zero);
   Geom g{};
   at::Tensor xc = codes;
@@ -166,23 +206,33 @@ at::Tensor int8_conv2d(const at::Tensor& codes, int64_t zero, const at::Tensor& 
   TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.is_contiguous() &&
                   wsum.numel() == g.OV * kLanes,
               op, "wsum must be a contiguous int32 tensor of ", g.OV * kLanes, " values");
-  const float* sc = channel_vector(scale, g.O, "scale");
+  // scale[o] * s_x and shift[o] * s_x in float32 (the products torch forms for its epilogue)
+  const float sx = static_cast<float>(step);
+  const float* sc0 = channel_vector(scale, g.O, "scale");
+  std::vector<float> scv(g.O), shv(has_shift ? g.O : 0);
+  for (int64_t o = 0; o < g.O; ++o) scv[o] = sc0[o] * sx;
+  const float* sc = scv.data();
   const float* bi = channel_vector(bias, g.O, "bias");
-  const float* sh = has_shift ? channel_vector(*shift, g.O, "shift") : nullptr;
+  const float* sh = nullptr;
+  if (has_shift) {
+    const float* sh0 = channel_vector(*shift, g.O, "shift");
+    for (int64_t o = 0; o < g.O; ++o) shv[o] = sh0[o] * sx;
+    sh = shv.data();
+  }
   Int8Kernels ks{};
   if (isa < 0) {  // best available
     for (isa = kAvx512Vnni; isa > kGeneric && !kernel_for(isa, &ks); --isa) {}
   }
   TORCH_CHECK(kernel_for(isa, &ks), op, "instruction set ", isa,
               " is not available on this CPU / build");
-  if (isa == kAvx2 && xc.numel() > 0)  // vpmaddubsw's int16 pair sums need codes <= 127
+  if (isa == kAvx2 && !fused && xc.numel() > 0)  // vpmaddubsw's pair sums need codes <= 127
     TORCH_CHECK(xc.max().item<uint8_t>() <= 127, op,
                 "the avx2 variant needs input codes <= 127 (at most 7 bits)");
 
   at::Tensor y = at::empty({g.N, g.O, g.OH, g.OW}, xc.options().dtype(at::kFloat),
                            at::MemoryFormat::ChannelsLast);
   if (y.numel() == 0) return y;
-  at::Tensor xp = at::empty({g.N, g.Hp, g.Wp, g.Cp}, xc.options());
+  at::Tensor xp = at::empty({g.N, g.Hp, g.Wp, g.Cp}, xc.options().dtype(at::kByte));
   std::vector<int64_t> koff(g.KS);
   for (int64_t kh = 0, k = 0; kh < g.KH; ++kh)
     for (int64_t kw = 0; kw < g.KW; ++kw)
@@ -192,7 +242,7 @@ at::Tensor int8_conv2d(const at::Tensor& codes, int64_t zero, const at::Tensor& 
   const int32_t* ws = wsum.const_data_ptr<int32_t>();
   for (int64_t o = 0; o < g.OV * kLanes; ++o) corr[o] = static_cast<int32_t>(zero) * ws[o];
 
-  const uint8_t* src = xc.const_data_ptr<uint8_t>();
+  const void* src = xc.const_data_ptr();
   uint8_t* xpp = xp.mutable_data_ptr<uint8_t>();
   const int8_t* wp = weight.const_data_ptr<int8_t>();
   float* yp = y.mutable_data_ptr<float>();
@@ -214,7 +264,11 @@ at::Tensor int8_conv2d(const at::Tensor& codes, int64_t zero, const at::Tensor& 
 #pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t r = 0; r < rows; r += row_chunk)
-      pack_rows(g, src, xpp, z, r, std::min(rows, r + row_chunk));
+      if (fused)
+        (ks.pack_float ? ks.pack_float : pack_rows_float_generic)(
+            g, static_cast<const float*>(src), xpp, z, enc, r, std::min(rows, r + row_chunk));
+      else
+        pack_rows(g, static_cast<const uint8_t*>(src), xpp, z, r, std::min(rows, r + row_chunk));
     std::vector<int32_t> acc(chunk * acc_stride);
     std::vector<const uint8_t*> base(chunk);
 #ifdef _OPENMP
@@ -247,7 +301,8 @@ at::Tensor int8_conv2d(const at::Tensor& codes, int64_t zero, const at::Tensor& 
 
 TORCH_LIBRARY_FRAGMENT(aqd_binary, m) {
   m.def("int8_available_isas() -> int[]", &aqd_i8::int8_available_isas);
-  m.def("int8_conv2d(Tensor codes, int zero, Tensor weight, Tensor wsum, Tensor scale, "
+  m.def("int8_conv2d(Tensor x, float[]? encode, int zero, float step, Tensor weight, Tensor wsum, "
+        "Tensor scale, "
         "Tensor? shift, Tensor bias, int out_channels, int[] kernel_size, int[] stride, "
         "int[] padding, int[] dilation, int isa) -> Tensor",
         &aqd_i8::int8_conv2d);

@@ -30,6 +30,40 @@ using MicroFn = void (*)(const uint8_t* const* px, int P, const int8_t* w, int64
                          int NV, const int64_t* koff, int64_t KS, int32_t* out,
                          int64_t out_stride);
 
+// Geometry of one call: input N, C, H, W (C padded to Cp = 4 * ceil(C / 4)), padded Hp, Wp,
+// output O, OH, OW, kernel, stride, padding, dilation; KS = KH * KW * Cp / 4 reduction
+// steps; OV weight vectors of kLanes channels; in_nhwc: channels_last input memory.
+struct Geom {
+  int64_t N, C, H, W, Cp, Hp, Wp, O, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, KS, OV;
+  bool in_nhwc;
+};
+
+// The input quantizer's encoding, done in the pack (no float temporary, no code tensor):
+//   mode 0: c = round(clamp(x * m, lo, hi)) + add    (LSQ: m = 1/s; LIQ activations: m = q/alpha)
+//   mode 1: c = round(clamp(x, lo, hi) * m) + add    (DoReFa activations: m = q)
+// in float32, as torch evaluates those quantizers (m rounded to float32 first, as torch does
+// with a Python scalar factor). round() is half to even, computed as (t + 1.5 * 2^23) -
+// 1.5 * 2^23, exact for |t| < 2^22 (here |t| <= 255) in the default rounding mode.
+struct Encoding {
+  float m, lo, hi;
+  int32_t add;
+  int64_t mode;
+};
+
+inline uint8_t encode_one(float v, const Encoding& e) {
+  float t = e.mode == 0 ? v * e.m : v;
+  t = t < e.lo ? e.lo : t;
+  t = t > e.hi ? e.hi : t;
+  if (e.mode != 0) t = t * e.m;
+  t = (t + 12582912.0f) - 12582912.0f;
+  return static_cast<uint8_t>(static_cast<int32_t>(t) + e.add);
+}
+
+// Pack + encode the rows [r0, r1) of the flattened (n, padded row) index of the padded NHWC
+// uint8 buffer [N][Hp][Wp][Cp] from the float input (padding pixels and channel tail = z).
+using PackFloatFn = void (*)(const Geom& g, const float* src, uint8_t* dst, uint8_t z,
+                             const Encoding& e, int64_t r0, int64_t r1);
+
 // Float epilogue of np pixels (int32 rows acc + p * acc_stride) into y + p * O:
 //   a[o] = acc[o] - corr[o];  y[o] = fma(float(a[o]), scale[o], bias[o])
 //   with shift != nullptr (sum column O): y[o] = fma(float(a[O]), shift[o], y[o])
@@ -41,6 +75,7 @@ using EpilogueFn = void (*)(const int32_t* acc, int64_t np, int64_t acc_stride,
 struct Int8Kernels {
   MicroFn micro;
   EpilogueFn epilogue;
+  PackFloatFn pack_float;  // nullptr: the portable one in int8_conv.cpp
 };
 
 // Each returns false when its variant is not compiled in (other compiler / architecture).

@@ -57,7 +57,7 @@ inline int32_t load4(const uint8_t* p) {
 }
 
 // ---- AVX-512 VNNI --------------------------------------------------------------------------
-#define AQD_T_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define AQD_T_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 // The accumulators are named variables, not an array: GCC 12 keeps arrays of vectors in
 // memory (stack spills in the inner loop), named ones in registers. Operations for p >= P
@@ -119,6 +119,66 @@ AQD_T_VNNI void epilogue_avx512(const int32_t* acc, int64_t np, int64_t acc_stri
                                  _mm512_maskz_loadu_ps(m, bi + o));
       if (sh != nullptr) v = _mm512_fmadd_ps(s, _mm512_maskz_loadu_ps(m, sh + o), v);
       _mm512_mask_storeu_ps(yo + o, m, v);
+    }
+  }
+}
+
+// 16 float inputs -> 16 codes (bytes 0..15 of the result), encode_one vectorized: the same
+// float32 multiply, clamp (max / min) and round half to even (vcvtps2dq, nearest-even).
+AQD_T_VNNI inline __m128i encode16(__m512 v, const Encoding& e, __m512 m, __m512 lo, __m512 hi,
+                                   __m512i add) {
+  __m512 t = e.mode == 0 ? _mm512_mul_ps(v, m) : v;
+  t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);
+  if (e.mode != 0) t = _mm512_mul_ps(t, m);
+  const __m512i i = _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_cvtepi32_epi8(_mm512_add_epi32(i, add));
+}
+
+AQD_T_VNNI void pack_float_avx512(const Geom& g, const float* src, uint8_t* dst, uint8_t z,
+                                  const Encoding& e, int64_t r0, int64_t r1) {
+  const __m512 m = _mm512_set1_ps(e.m), lo = _mm512_set1_ps(e.lo), hi = _mm512_set1_ps(e.hi);
+  const __m512i add = _mm512_set1_epi32(e.add);
+  const __m128i zv = _mm_set1_epi8(static_cast<char>(z));
+  const int64_t row = g.Wp * g.Cp, plane = g.H * g.W;
+  alignas(64) uint32_t quad[16];
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / g.Hp, h = r % g.Hp - g.ph;
+    uint8_t* d = dst + r * row;
+    std::memset(d, z, row);
+    if (h < 0 || h >= g.H) continue;
+    d += g.pw * g.Cp;
+    if (g.in_nhwc) {  // channels contiguous: 16 channels per step, masked tail
+      const float* sp = src + (n * g.H + h) * g.W * g.C;
+      for (int64_t w = 0; w < g.W; ++w)
+        for (int64_t c = 0; c < g.C; c += 16) {
+          const __mmask16 k = g.C - c >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                            : static_cast<__mmask16>((1u << (g.C - c)) - 1);
+          const __m128i b = encode16(_mm512_maskz_loadu_ps(k, sp + w * g.C + c), e, m, lo, hi, add);
+          _mm_mask_storeu_epi8(d + w * g.Cp + c, k, b);
+        }
+      continue;
+    }
+    // NCHW: 4 channels x 16 pixels per step, interleaved into 16 groups of 4 bytes (one
+    // 32-bit store per pixel)
+    const float* sp = src + n * g.C * plane + h * g.W;
+    for (int64_t c = 0; c < g.C; c += 4) {
+      for (int64_t w = 0; w < g.W; w += 16) {
+        const int64_t nw = g.W - w < 16 ? g.W - w : 16;
+        const __mmask16 k = nw == 16 ? static_cast<__mmask16>(0xFFFF)
+                                     : static_cast<__mmask16>((1u << nw) - 1);
+        __m128i b[4];
+        for (int j = 0; j < 4; ++j)
+          b[j] = c + j < g.C ? encode16(_mm512_maskz_loadu_ps(k, sp + (c + j) * plane + w), e, m,
+                                        lo, hi, add)
+                             : zv;
+        const __m128i t0 = _mm_unpacklo_epi8(b[0], b[1]), t1 = _mm_unpackhi_epi8(b[0], b[1]);
+        const __m128i t2 = _mm_unpacklo_epi8(b[2], b[3]), t3 = _mm_unpackhi_epi8(b[2], b[3]);
+        _mm_store_si128(reinterpret_cast<__m128i*>(quad), _mm_unpacklo_epi16(t0, t2));
+        _mm_store_si128(reinterpret_cast<__m128i*>(quad + 4), _mm_unpackhi_epi16(t0, t2));
+        _mm_store_si128(reinterpret_cast<__m128i*>(quad + 8), _mm_unpacklo_epi16(t1, t3));
+        _mm_store_si128(reinterpret_cast<__m128i*>(quad + 12), _mm_unpackhi_epi16(t1, t3));
+        for (int64_t p = 0; p < nw; ++p) std::memcpy(d + (w + p) * g.Cp + c, quad + p, 4);
+      }
     }
   }
 }
@@ -245,17 +305,17 @@ AQD_T_AVX2 void micro_avx2(const uint8_t* const* px, int P, const int8_t* w, int
 }  // namespace
 
 bool int8_generic_kernel(Int8Kernels* out) {
-  *out = {micro_generic, epilogue_generic};
+  *out = {micro_generic, epilogue_generic, nullptr};
   return true;
 }
 
 #ifdef AQD_I8_X86
 bool int8_avx2_kernel(Int8Kernels* out) {
-  *out = {micro_avx2, epilogue_avx2};
+  *out = {micro_avx2, epilogue_avx2, nullptr};
   return true;
 }
 bool int8_avx512vnni_kernel(Int8Kernels* out) {
-  *out = {micro_vnni, epilogue_avx512};
+  *out = {micro_vnni, epilogue_avx512, pack_float_avx512};
   return true;
 }
 #else
