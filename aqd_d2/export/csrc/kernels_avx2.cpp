@@ -1,13 +1,30 @@
 // AVX2 variant (compiled with function target attributes, selected at run time on CPUs with
 // AVX2 but without AVX512_VPOPCNTDQ).
 //
-// Popcount without a vector popcount instruction: each byte of x ^ w is split into two
-// nibbles and looked up in a 16-entry table with vpshufb (Mula's method). The per-byte
-// counts (<= 8 per step) are summed in 8-bit lanes for up to 31 steps (<= 248, no overflow)
-// and then folded into 64-bit lanes with vpsadbw. Tile: kTile pixels x 8 output channels
-// (half a weight block: 2 ymm of 4 channel words, loaded once per step and reused by the
-// kTile pixels); the epilogue is vectorized (8 channels at a time, 8x8 transpose for NCHW).
+// Popcount without a vector popcount instruction: a byte's bit count is the sum of the
+// counts of its two nibbles, looked up in a 16-entry table with vpshufb (the lookup method
+// of Mula, Kurz and Lemire, "Faster population counts using AVX2 instructions", 2016,
+// Sec. 2 / Fig. 4). Applied to popcount(x ^ w) it costs 8 vector ops per 256 bits (xor,
+// 2 and, shift, 2 shuffles, 2 adds). Here the nibble split is hoisted out of the dot
+// product: since (x ^ w) & 0x0F.. = (x & 0x0F..) ^ (w & 0x0F..) (and likewise for the high
+// nibbles shifted down), each conv_row call first splits the 16-channel weight block and
+// the input rows it reads into low-nibble and high-nibble words (scratch, once per word),
+// and the dot product then costs 6 ops per 256 bits: 2 xor, 2 vpshufb, 2 vpaddb.
+// (Harley-Seal carry-save adders, Sec. 3 of the same paper, also reach about 6 ops per 256
+// bits, but only asymptotically: each output would need its own ones / twos / fours / eights
+// state and a final popcount of every level, which costs more than it saves at the 9 to 72
+// words per dot product of 3x3 layers with 64 to 512 channels; measured in the commit that
+// introduced this design.)
+//
+// Per-byte counts grow by at most 8 per word, so they are summed in 8-bit lanes for up to 31
+// words (<= 248) and then folded into 64-bit lanes with vpsadbw. Tile: kTile output pixels x
+// the 16 channels of one weight block (4 ymm of 4 channel words); the weights are memory
+// operands (L1 loads, no register pressure), the input words are broadcast per pixel and
+// reused by the 4 channel vectors. The epilogue is vectorized (8 channels at a time, 8x8
+// transpose for NCHW).
+#include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "binary_conv.h"
 
@@ -19,8 +36,9 @@
 namespace aqd_bconv {
 namespace {
 
-constexpr int kTile = 4;       // output pixels per pass (2 x kTile byte accumulators)
-constexpr int kByteSteps = 31;  // steps before the 8-bit counters must be folded
+constexpr int kTile = 2;        // output pixels per pass (4 kTile byte accumulators)
+constexpr int kByteSteps = 31;  // words before the 8-bit counters must be folded (31 * 8 <= 255)
+constexpr uint64_t kNib = 0x0F0F0F0F0F0F0F0FULL;
 
 AQD_T256 void pack_rows(const ConvGeom& g, const float* x, uint64_t* xp, int64_t r0, int64_t r1) {
   const int64_t row_words = g.Wp * g.CW, CW = g.CW;
@@ -80,6 +98,50 @@ AQD_T256 void pack_rows(const ConvGeom& g, const float* x, uint64_t* xp, int64_t
   }
 }
 
+// Nibble split of `count` words: dst[2 i] = src[i] & 0x0F.., dst[2 i + 1] = (src[i] >> 4) &
+// 0x0F.. (input words: pairs, so that one pixel's two broadcasts share a cache line).
+AQD_T256 void split_pairs(const uint64_t* src, uint64_t* dst, int64_t count) {
+  const __m256i nib = _mm256_set1_epi64x(static_cast<long long>(kNib));
+  int64_t i = 0;
+  for (; i + 4 <= count; i += 4) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    const __m256i lo = _mm256_and_si256(v, nib);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi64(v, 4), nib);
+    // interleave per 64-bit word: (lo0 hi0 lo1 hi1) (lo2 hi2 lo3 hi3)
+    const __m256i a = _mm256_unpacklo_epi64(lo, hi), b = _mm256_unpackhi_epi64(lo, hi);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i),
+                        _mm256_permute2x128_si256(a, b, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i + 4),
+                        _mm256_permute2x128_si256(a, b, 0x31));
+  }
+  for (; i < count; ++i) {
+    dst[2 * i] = src[i] & kNib;
+    dst[2 * i + 1] = (src[i] >> 4) & kNib;
+  }
+}
+
+// Nibble split of a weight block: for each step k, 16 low-nibble words then 16 high-nibble
+// words (dst has 32 KS words), each 16 in the order (0 2 4 6)(1 3 5 7)(8 10 12 14)(9 11 13 15)
+// of the block's channels: the 64-bit counts of vectors 2 h and 2 h + 1 then interleave into
+// 8 int32 counts of channels 8 h .. 8 h + 7 in order with one shift and one or.
+AQD_T256 void split_block(const uint64_t* wblk, uint64_t* dst, int64_t KS) {
+  const __m256i nib = _mm256_set1_epi64x(static_cast<long long>(kNib));
+  for (int64_t k = 0; k < KS; ++k) {
+    const __m256i* src = reinterpret_cast<const __m256i*>(wblk + k * kOutBlock);
+    __m256i* lo = reinterpret_cast<__m256i*>(dst + 32 * k);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i a = _mm256_loadu_si256(src + 2 * h), b = _mm256_loadu_si256(src + 2 * h + 1);
+      // unpack: (c0 c4 c2 c6), (c1 c5 c3 c7); permute 64-bit lanes (0 2 1 3)
+      const __m256i ev = _mm256_permute4x64_epi64(_mm256_unpacklo_epi64(a, b), 0xD8);
+      const __m256i od = _mm256_permute4x64_epi64(_mm256_unpackhi_epi64(a, b), 0xD8);
+      _mm256_storeu_si256(lo + 2 * h, _mm256_and_si256(ev, nib));
+      _mm256_storeu_si256(lo + 2 * h + 1, _mm256_and_si256(od, nib));
+      _mm256_storeu_si256(lo + 4 + 2 * h, _mm256_and_si256(_mm256_srli_epi64(ev, 4), nib));
+      _mm256_storeu_si256(lo + 4 + 2 * h + 1, _mm256_and_si256(_mm256_srli_epi64(od, 4), nib));
+    }
+  }
+}
+
 // 8x8 float transpose (rows v[0..7] -> columns), for the NCHW epilogue.
 AQD_T256 inline void transpose8x8(__m256 v[8]) {
   const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
@@ -100,87 +162,88 @@ AQD_T256 inline void transpose8x8(__m256 v[8]) {
   v[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-// R output pixels (ow .. ow+R-1 of row oh) x 8 output channels (half `half` of block ob):
-// 2 R byte accumulators + 2 weight vectors + the table and mask stay in the 16 ymm.
+// Popcounts of R pixels x 16 channels over steps [k0, k1) (k1 - k0 <= kByteSteps), stored
+// (first) or added to cnt[r * 16 + c] (int32, channel c of the block). xs: split input
+// (pairs), first word of pixel 0; ws: split weight block (channel order of split_block).
 template <int R>
-AQD_T256 inline void conv_tile(const ConvGeom& g, const uint64_t* xt, const uint64_t* wblk,
-                               const float* alpha, const float* bias, float* y,
-                               int64_t n, int64_t oh, int64_t ob, int64_t ow, int half) {
-  const int64_t xs = g.sw * g.CW, KS = g.KS;
-  const int64_t* koff = g.koff;
+AQD_T256 inline void count_steps(const ConvGeom& g, const uint64_t* xs, const uint64_t* ws,
+                                 int64_t k0, int64_t k1, bool first, int32_t* cnt) {
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                        0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-  const __m256i nib = _mm256_set1_epi8(0x0F);
-  const __m256i zero = _mm256_setzero_si256();
-  __m256i c64[R][2];  // folded counts (touched once per kByteSteps steps)
-  for (int r = 0; r < R; ++r) c64[r][0] = c64[r][1] = zero;
-  const uint64_t* wh = wblk + 8 * half;
-  for (int64_t k0 = 0; k0 < KS; k0 += kByteSteps) {
-    const int64_t k1 = k0 + kByteSteps < KS ? k0 + kByteSteps : KS;
-    __m256i c8[R][2];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) c8[r][0] = c8[r][1] = zero;
-    for (int64_t k = k0; k < k1; ++k) {
-      const __m256i* wv = reinterpret_cast<const __m256i*>(wh + k * kOutBlock);
-      const __m256i w0 = _mm256_loadu_si256(wv), w1 = _mm256_loadu_si256(wv + 1);
-      const uint64_t* xk = xt + koff[k];
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const __m256i b = _mm256_set1_epi64x(static_cast<long long>(xk[r * xs]));
-        const __m256i v0 = _mm256_xor_si256(b, w0), v1 = _mm256_xor_si256(b, w1);
-        const __m256i l0 = _mm256_shuffle_epi8(lut, _mm256_and_si256(v0, nib));
-        const __m256i h0 = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v0, 4), nib));
-        const __m256i l1 = _mm256_shuffle_epi8(lut, _mm256_and_si256(v1, nib));
-        const __m256i h1 = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v1, 4), nib));
-        c8[r][0] = _mm256_add_epi8(c8[r][0], _mm256_add_epi8(l0, h0));
-        c8[r][1] = _mm256_add_epi8(c8[r][1], _mm256_add_epi8(l1, h1));
+  const int64_t xstride = 2 * g.sw * g.CW;
+  const int64_t* koff = g.koff;
+  __m256i c8[R][4];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) c8[r][j] = _mm256_setzero_si256();
+  for (int64_t k = k0; k < k1; ++k) {
+    const __m256i* wl = reinterpret_cast<const __m256i*>(ws + 32 * k);
+    const uint64_t* xk = xs + 2 * koff[k];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const long long* xr = reinterpret_cast<const long long*>(xk + r * xstride);
+      const __m256i bl = _mm256_set1_epi64x(xr[0]), bh = _mm256_set1_epi64x(xr[1]);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256i l = _mm256_shuffle_epi8(lut, _mm256_xor_si256(bl, _mm256_loadu_si256(wl + j)));
+        const __m256i h = _mm256_shuffle_epi8(lut, _mm256_xor_si256(bh, _mm256_loadu_si256(wl + 4 + j)));
+        c8[r][j] = _mm256_add_epi8(_mm256_add_epi8(c8[r][j], l), h);
       }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {  // fold: sum of the 8 byte counts of each 64-bit lane
-      c64[r][0] = _mm256_add_epi64(c64[r][0], _mm256_sad_epu8(c8[r][0], zero));
-      c64[r][1] = _mm256_add_epi64(c64[r][1], _mm256_sad_epu8(c8[r][1], zero));
+  }
+  const __m256i zero = _mm256_setzero_si256();
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    for (int h = 0; h < 2; ++h) {
+      // fold: sums of the 8 byte counts of each 64-bit lane (< 2^32), even channels in the
+      // low and odd channels in the high halves: 8 int32 counts in channel order
+      const __m256i ev = _mm256_sad_epu8(c8[r][2 * h], zero);
+      const __m256i od = _mm256_sad_epu8(c8[r][2 * h + 1], zero);
+      const __m256i s = _mm256_or_si256(ev, _mm256_slli_epi64(od, 32));
+      __m256i* c = reinterpret_cast<__m256i*>(cnt + r * kOutBlock + 8 * h);
+      _mm256_storeu_si256(c, first ? s : _mm256_add_epi32(_mm256_loadu_si256(c), s));
     }
   }
-  // epilogue: y = float(K - 2 * count) * alpha + bias (a multiply, then an add; counts and
-  // K - 2 count fit in int32, whose conversion to float rounds like the int64 one)
-  const int64_t o0 = ob * kOutBlock + 8 * half;
-  const int64_t nvalid = g.O - o0 < 8 ? g.O - o0 : 8;
-  const __m256 al = _mm256_loadu_ps(alpha + o0), bi = _mm256_loadu_ps(bias + o0);
+}
+
+// Output of R <= 8 pixels (ow .. ow+R-1 of row oh) x the channels of block ob from their
+// counts (cnt[r * 16 + c]): y = float(K - 2 * count) * alpha + bias (a multiply, then an
+// add; counts and K - 2 count fit in int32, whose conversion to float rounds like the int64
+// one).
+AQD_T256 void epilogue(const ConvGeom& g, const int32_t* cnt, int R, const float* alpha,
+                       const float* bias, float* y, int64_t n, int64_t oh, int64_t ob, int64_t ow) {
   const __m256i K = _mm256_set1_epi32(static_cast<int>(g.K));
-  const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-  __m256 v[8];
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int half = 0; half < 2; ++half) {
+    const int64_t o0 = ob * kOutBlock + 8 * half;
+    if (o0 >= g.O) break;
+    const int64_t nvalid = g.O - o0 < 8 ? g.O - o0 : 8;
+    const __m256 al = _mm256_loadu_ps(alpha + o0), bi = _mm256_loadu_ps(bias + o0);
+    __m256 v[8];
 #pragma GCC unroll 8
-  for (int r = 0; r < 8; ++r) {
-    if (r < R) {
-      // low 32 bits of the 4 + 4 int64 counts -> 8 int32 (channels 0..7 of this half)
-      const __m128i lo = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c64[r][0], even));
-      const __m128i hi = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c64[r][1], even));
-      const __m256i cnt = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
-      const __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(K, _mm256_add_epi32(cnt, cnt)));
-      v[r] = _mm256_add_ps(_mm256_mul_ps(d, al), bi);
-    } else {
-      v[r] = _mm256_setzero_ps();
-    }
-  }
-  if (g.out_nhwc) {
-    const __m256i cm = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(nvalid)),
-                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    for (int r = 0; r < R; ++r) {
-      float* dst = y + out_index(g, n, o0, oh, ow + r);
-      if (nvalid == 8) _mm256_storeu_ps(dst, v[r]);
-      else _mm256_maskstore_ps(dst, cm, v[r]);
-    }
-  } else {
-    transpose8x8(v);  // v[j] = channel o0 + j at pixels ow .. ow + 7
-    for (int64_t j = 0; j < nvalid; ++j) {
-      float* dst = y + out_index(g, n, o0 + j, oh, ow);
-      if (R == 4) {
-        _mm_storeu_ps(dst, _mm256_castps256_ps128(v[j]));
+    for (int r = 0; r < 8; ++r) {
+      if (r < R) {
+        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cnt + r * kOutBlock + 8 * half));
+        const __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(K, _mm256_add_epi32(c, c)));
+        v[r] = _mm256_add_ps(_mm256_mul_ps(d, al), bi);
       } else {
-        alignas(32) float tmp[8];
-        _mm256_store_ps(tmp, v[j]);
-        for (int r = 0; r < R; ++r) dst[r] = tmp[r];
+        v[r] = _mm256_setzero_ps();
+      }
+    }
+    if (g.out_nhwc) {
+      const __m256i cm = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(nvalid)), lane);
+      for (int r = 0; r < R; ++r) {
+        float* dst = y + out_index(g, n, o0, oh, ow + r);
+        if (nvalid == 8) _mm256_storeu_ps(dst, v[r]);
+        else _mm256_maskstore_ps(dst, cm, v[r]);
+      }
+    } else {
+      transpose8x8(v);  // v[j] = channel o0 + j at pixels ow .. ow + 7
+      const __m256i pm = _mm256_cmpgt_epi32(_mm256_set1_epi32(R), lane);
+      for (int64_t j = 0; j < nvalid; ++j) {
+        float* dst = y + out_index(g, n, o0 + j, oh, ow);
+        if (R == 8) _mm256_storeu_ps(dst, v[j]);
+        else _mm256_maskstore_ps(dst, pm, v[j]);
       }
     }
   }
@@ -189,21 +252,32 @@ AQD_T256 inline void conv_tile(const ConvGeom& g, const uint64_t* xt, const uint
 AQD_T256 void conv_row(const ConvGeom& g, const uint64_t* xp, const uint64_t* wp,
                        const float* alpha, const float* bias, float* y,
                        int64_t n, int64_t oh, int64_t ob) {
-  const uint64_t* xrow = xp + (n * g.Hp + oh * g.sh) * g.Wp * g.CW;
-  const uint64_t* wblk = wp + ob * g.KS * kOutBlock;
-  const int64_t px = g.sw * g.CW;
-  const int halves = g.O - ob * kOutBlock > 8 ? 2 : 1;
-  for (int half = 0; half < halves; ++half) {
+  // scratch: split weight block (32 KS words), the split input rows this output row reads
+  // (rows oh * sh .. oh * sh + (KH - 1) dh, 2 words per packed word), the counts [OW][16]
+  const int64_t row_words = g.Wp * g.CW;
+  const int64_t in_words = ((g.KH - 1) * g.dh + 1) * row_words;
+  thread_local std::vector<uint64_t> scratch;
+  const size_t need = static_cast<size_t>(32 * g.KS + 2 * in_words + kOutBlock * g.OW / 2 + 1);
+  if (scratch.size() < need) scratch.resize(need);
+  uint64_t* ws = scratch.data();
+  uint64_t* xs = ws + 32 * g.KS;
+  int32_t* cnt = reinterpret_cast<int32_t*>(xs + 2 * in_words);
+  split_block(wp + ob * g.KS * kOutBlock, ws, g.KS);
+  split_pairs(xp + (n * g.Hp + oh * g.sh) * row_words, xs, in_words);
+  const int64_t px = 2 * g.sw * g.CW;
+  // chunks of at most kByteSteps steps, of equal length (fewer short passes)
+  const int64_t chunks = (g.KS + kByteSteps - 1) / kByteSteps;
+  const int64_t chunk = (g.KS + chunks - 1) / chunks;
+  for (int64_t k0 = 0; k0 < g.KS; k0 += chunk) {
+    const int64_t k1 = k0 + chunk < g.KS ? k0 + chunk : g.KS;
     int64_t ow = 0;
     for (; ow + kTile <= g.OW; ow += kTile)
-      conv_tile<kTile>(g, xrow + ow * px, wblk, alpha, bias, y, n, oh, ob, ow, half);
-    const uint64_t* xt = xrow + ow * px;
-    switch (g.OW - ow) {
-      case 1: conv_tile<1>(g, xt, wblk, alpha, bias, y, n, oh, ob, ow, half); break;
-      case 2: conv_tile<2>(g, xt, wblk, alpha, bias, y, n, oh, ob, ow, half); break;
-      case 3: conv_tile<3>(g, xt, wblk, alpha, bias, y, n, oh, ob, ow, half); break;
-      default: break;
-    }
+      count_steps<kTile>(g, xs + ow * px, ws, k0, k1, k0 == 0, cnt + ow * kOutBlock);
+    for (; ow < g.OW; ++ow) count_steps<1>(g, xs + ow * px, ws, k0, k1, k0 == 0, cnt + ow * kOutBlock);
+  }
+  for (int64_t ow = 0; ow < g.OW; ow += 8) {
+    const int R = static_cast<int>(g.OW - ow < 8 ? g.OW - ow : 8);
+    epilogue(g, cnt + ow * kOutBlock, R, alpha, bias, y, n, oh, ob, ow);
   }
 }
 
