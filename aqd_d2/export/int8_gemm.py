@@ -22,7 +22,7 @@ loads and the CPU has AVX-512 VNNI, where it was measured faster than the PyTorc
 else the PyTorch path) | ``torch`` | ``cpp`` (require the extension; error if unavailable);
 ``AQD_INT8_ISA`` = ``generic`` | ``avx2`` | ``avx512vnni`` forces one C++ variant (and the C++
 kernel under ``auto``). While the JIT tracer runs (FLOP counting), the PyTorch path is used,
-so that its ``aten::_int_mm`` is counted.
+so that its ``aten::_int_mm`` is counted; so it is for tensors on other devices than the CPU.
 
 Why not ``torch.ao.nn.quantized.Conv2d`` (fbgemm)? It is about as fast here (see
 tools/bench_deploy.py) but re-quantizes its *output* to 8 bits, a precision loss that the
@@ -228,7 +228,8 @@ class Int8ConvInference(nn.Module):
             float32 ``[N, O, OH, OW]`` in channels_last memory (conv) or ``[..., O]`` (linear).
         """
         x = x.detach() if x.dtype == torch.float32 else x.detach().float()
-        backend, isa = ("torch", -1) if torch.jit.is_tracing() else int8_kernel_backend()
+        backend, isa = (("torch", -1) if torch.jit.is_tracing() or x.device.type != "cpu"
+                        else int8_kernel_backend())
         fused = fused_encoding(self.input_quantizer, x) if backend == "cpp" and x.numel() else None
         if fused is not None:  # the kernel encodes while it packs
             y = self._forward_cpp(x, *fused, isa)

@@ -223,3 +223,33 @@ def test_op_rejects_bad_arguments():
     if "avx2" in int8_available_isas():  # vpmaddubsw needs codes <= 127
         with pytest.raises(RuntimeError, match="codes <= 127"):
             op(codes + 200, None, **{**good, "isa": INT8_ISA_NAMES.index("avx2")})
+
+
+@pytest.mark.skipif(not int8_gemm_available(), reason="torch._int_mm unavailable")
+def test_deployed_layer_with_folded_bn_same_on_both_paths(monkeypatch):
+    """convert_for_inference folds BN into the int8 layer's scale / shift (LIQ weights: with
+    the sum column); the C++ kernel and the torch._int_mm path give the same float32 bits,
+    and both the fake-quantized layer's output up to float32 rounding."""
+    from torch import nn
+
+    from aqd_d2.export.deploy import convert_for_inference
+    from aqd_d2.layers import QConv2d
+
+    torch.manual_seed(3)
+    layer = QConv2d(12, 20, 3, stride=2, padding=1, bias=False, norm=nn.BatchNorm2d(20),
+                    activation=nn.ReLU(), weight_quantizer=build_quantizer("liq", 3, "weight"),
+                    input_quantizer=build_quantizer("liq", 3, "activation"))
+    model = nn.Sequential(layer)
+    x = torch.randn(2, 12, 13, 10)
+    with torch.no_grad():
+        model.train()(x)
+        ref = model.eval()(x)
+    deployed, _ = convert_for_inference(model, fold_bn=True)
+    mod = deployed[0]
+    assert isinstance(mod, Int8ConvInference) and mod.norm is None and mod.has_sum_column
+    y_torch = _run(deployed, x, monkeypatch, "torch")
+    for isa in int8_available_isas():
+        y = _run(deployed, x, monkeypatch, "cpp", isa)
+        assert torch.allclose(y, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+        if _addcmul_is_fma():
+            assert torch.equal(y, y_torch)
