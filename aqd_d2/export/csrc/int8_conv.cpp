@@ -18,9 +18,11 @@
 // A' is exactly the GEMM of Int8ConvInference's PyTorch path (which pads c - z with 0).
 // Epilogue per output channel o < O, in float32, each term a fused multiply-add (rounded
 // once, as torch.addcmul does on CPUs with FMA):
-//   y = fma(float(A'[o]), scale[o], bias[o]);  with a sum column: y = fma(float(A'[O]), shift[o], y)
-// (scale = w_scale * s_x and shift = w_shift * s_x, formed in float32 here; s_x = `step`). Output: float32
-// [N, O, OH, OW] in channels_last memory, as the PyTorch path returns.
+//   y = fma(float(A'[o]), scale[o], bias[o]);
+//   with a sum column: y = fma(float(A'[O]), shift[o], y)
+// where scale = w_scale * s_x and shift = w_shift * s_x are formed in float32 here
+// (s_x = `step`). Output: float32 [N, O, OH, OW] in channels_last memory, as the PyTorch
+// path returns.
 //
 // Work split: one OpenMP region with torch's thread count: the pack over (n, padded row),
 // a barrier, then chunks of output pixels (flattened over n, oh, ow) with dynamic
