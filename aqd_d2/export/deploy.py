@@ -11,9 +11,11 @@ and training, or after :func:`load_for_inference` read a packed file):
 * **k-bit conv / linear** (2..8-bit weight with an integer encoding and 2..7-bit input whose
   grid contains 0, groups 1) -> :class:`Int8ConvInference`: the input is encoded to its
   integer codes by the layer's own input quantizer (``encode``, bit-identical to its fake
-  quantization), im2col'ed on int8 NHWC data, and multiplied with the int8 weight codes by
-  ``torch._int_mm`` (PyTorch's int8 x int8 -> int32 CPU GEMM; :mod:`.int8_gemm`, which says
-  why not fbgemm's quantized conv). Any affine weight grid ``w = step * code + offset`` works
+  quantization) and convolved with the int8 weight codes into an exact int32 accumulator:
+  by the fused C++ kernel ``aqd_binary::int8_conv2d`` (encode + padded NHWC pack in one
+  pass, direct conv with AVX-512 VNNI, float scaling per cache tile) where the CPU has VNNI,
+  else by im2col + ``torch._int_mm`` (PyTorch's int8 x int8 -> int32 CPU GEMM); both are
+  bit-identical (:mod:`.int8_gemm`, which also says why not fbgemm's quantized conv). Any affine weight grid ``w = step * code + offset`` works
   (an extra all-ones weight column gives the receptive-field sum for the offset term). Where
   ``torch._int_mm`` is missing (old torch) or the layer does not qualify, the layer falls back
   to the frozen fake-quant form (below). With ``int8="auto"`` each qualifying layer is timed
@@ -265,7 +267,7 @@ def _convert_layer(name: str, layer: nn.Module, enc, fold_bn: bool, int8: bool):
             mod = Int8ConvInference(codes.reshape(layer.weight.shape), step, offset, bits,
                                     layer.input_quantizer, bias, stride, padding, dilation,
                                     bn=bn, norm=norm, activation=act)
-        return mod, "int8", f"_int_mm W{bits}/A{int(layer.input_quantizer.bits)}" + (", BN folded" if bn is not None else "")
+        return mod, "int8", f"int8 W{bits}/A{int(layer.input_quantizer.bits)}" + (", BN folded" if bn is not None else "")
     reason = "float weight" if enc is None else (_why_not_binary(layer, bits) if bits == 1 else
                                                   (_why_not_int8(layer, bits) if int8 else "int8 off"))
     return None, "fake-quant weight frozen", str(reason)
