@@ -10,17 +10,21 @@
 // nibbles shifted down), each conv_row call first splits the 16-channel weight block and
 // the input rows it reads into low-nibble and high-nibble words (scratch, once per word),
 // and the dot product then costs 6 ops per 256 bits: 2 xor, 2 vpshufb, 2 vpaddb.
-// (Harley-Seal carry-save adders, Sec. 3 of the same paper, also reach about 6 ops per 256
-// bits, but only asymptotically: each output would need its own ones / twos / fours / eights
-// state and a final popcount of every level, which costs more than it saves at the 9 to 72
-// words per dot product of 3x3 layers with 64 to 512 channels; measured in the commit that
-// introduced this design.)
+//
+// Harley-Seal (Sec. 3 of the same paper: carry-save adders over blocks of words, one
+// popcount per block) was measured too and is slower here: every output needs its own
+// ones / twos / fours state and a popcount of each level at the end, which the 9 to 72 words
+// of a 3x3 dot product (64 to 512 channels) do not amortize. An exact Harley-Seal kernel
+// (8-word blocks, 1 pixel x 8 channels) ran at 0.78x / 0.84x / 0.90x the speed of the
+// previous nibble-table kernel at 64 ch 56x56 / 128 ch 28x28 / 256 ch 14x14 and 0.83x at
+// 512 ch 7x7, where this kernel runs at about 1.35x / 1.3x / 1.2x / 1.03x.
 //
 // Per-byte counts grow by at most 8 per word, so they are summed in 8-bit lanes for up to 31
-// words (<= 248) and then folded into 64-bit lanes with vpsadbw. Tile: kTile output pixels x
-// the 16 channels of one weight block (4 ymm of 4 channel words); the weights are memory
-// operands (L1 loads, no register pressure), the input words are broadcast per pixel and
-// reused by the 4 channel vectors. The epilogue is vectorized (8 channels at a time, 8x8
+// words (<= 248; chunks of equal length) and then folded with vpsadbw into int32 counts in
+// channel order. Tile: 2 output pixels x the 16 channels of one weight block (8 byte
+// counters); the weights are memory operands (L1 loads), the input words are broadcast per
+// pixel and reused by the 4 channel vectors. The counts of the whole row go to scratch, then
+// a vectorized epilogue converts and stores them 8 pixels x 8 channels at a time (8x8
 // transpose for NCHW).
 #include <cstdint>
 #include <cstring>
@@ -36,7 +40,6 @@
 namespace aqd_bconv {
 namespace {
 
-constexpr int kTile = 2;        // output pixels per pass (4 kTile byte accumulators)
 constexpr int kByteSteps = 31;  // words before the 8-bit counters must be folded (31 * 8 <= 255)
 constexpr uint64_t kNib = 0x0F0F0F0F0F0F0F0FULL;
 
@@ -162,49 +165,71 @@ AQD_T256 inline void transpose8x8(__m256 v[8]) {
   v[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-// Popcounts of R pixels x 16 channels over steps [k0, k1) (k1 - k0 <= kByteSteps), stored
-// (first) or added to cnt[r * 16 + c] (int32, channel c of the block). xs: split input
-// (pairs), first word of pixel 0; ws: split weight block (channel order of split_block).
-template <int R>
-AQD_T256 inline void count_steps(const ConvGeom& g, const uint64_t* xs, const uint64_t* ws,
-                                 int64_t k0, int64_t k1, bool first, int32_t* cnt) {
+// Byte counts of one pixel x 16 channels for one step: A0..A3 += popcount per byte of
+// (x ^ w) for the 4 channel vectors, from the split words (xr: the pixel's low / high nibble
+// words, wl: the step's 8 split weight vectors): 2 broadcasts, then per vector and nibble
+// half a vpxor (weight from memory), a vpshufb and a vpaddb (6 ops per 256 bits). Written as
+// inline assembly because GCC's register allocation spilled accumulators of the 2-pixel loop
+// (which needs 8 accumulators, the table and 3 temporaries: 12 of the 16 ymm registers).
+#define AQD_NIB(W, B, C) \
+  "vpxor " W ", " B ", %[t]\n\t" "vpshufb %[t], %[lut], %[t]\n\t" "vpaddb %[t], " C ", " C "\n\t"
+#define AQD_STEP(xr, A0, A1, A2, A3)                                                        \
+  do {                                                                                      \
+    __m256i bl_, bh_, t_;                                                                   \
+    asm("vpbroadcastq %[xl], %[bl]\n\t"                                                    \
+        "vpbroadcastq %[xh], %[bh]\n\t"                                                    \
+        AQD_NIB("%[w0]", "%[bl]", "%[c0]") AQD_NIB("%[w1]", "%[bl]", "%[c1]")               \
+        AQD_NIB("%[w2]", "%[bl]", "%[c2]") AQD_NIB("%[w3]", "%[bl]", "%[c3]")               \
+        AQD_NIB("%[w4]", "%[bh]", "%[c0]") AQD_NIB("%[w5]", "%[bh]", "%[c1]")               \
+        AQD_NIB("%[w6]", "%[bh]", "%[c2]") AQD_NIB("%[w7]", "%[bh]", "%[c3]")               \
+        : [c0] "+x"(A0), [c1] "+x"(A1), [c2] "+x"(A2), [c3] "+x"(A3),                       \
+          [bl] "=&x"(bl_), [bh] "=&x"(bh_), [t] "=&x"(t_)                                   \
+        : [lut] "x"(lut), [xl] "m"((xr)[0]), [xh] "m"((xr)[1]),                             \
+          [w0] "m"(wl[0]), [w1] "m"(wl[1]), [w2] "m"(wl[2]), [w3] "m"(wl[3]),               \
+          [w4] "m"(wl[4]), [w5] "m"(wl[5]), [w6] "m"(wl[6]), [w7] "m"(wl[7]));              \
+  } while (0)
+
+// Fold the byte counts of one pixel (c0..c3 = channel vectors in split_block order) into 16
+// int32 counts in channel order: sums of the 8 bytes of each 64-bit lane (vpsadbw), even
+// channels in the low and odd channels in the high 32-bit halves. Stored (first) or added.
+AQD_T256 inline void fold(__m256i c0, __m256i c1, __m256i c2, __m256i c3, bool first, int32_t* cnt) {
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i s0 = _mm256_or_si256(_mm256_sad_epu8(c0, zero), _mm256_slli_epi64(_mm256_sad_epu8(c1, zero), 32));
+  const __m256i s1 = _mm256_or_si256(_mm256_sad_epu8(c2, zero), _mm256_slli_epi64(_mm256_sad_epu8(c3, zero), 32));
+  __m256i* c = reinterpret_cast<__m256i*>(cnt);
+  _mm256_storeu_si256(c, first ? s0 : _mm256_add_epi32(_mm256_loadu_si256(c), s0));
+  _mm256_storeu_si256(c + 1, first ? s1 : _mm256_add_epi32(_mm256_loadu_si256(c + 1), s1));
+}
+
+// Counts of 2 pixels (or 1: pixels == 1) x 16 channels over steps [k0, k1) (k1 - k0 <=
+// kByteSteps) into cnt[r * 16 + c] (int32, channel c of the block; stored when first, else
+// added). xs: split input (pairs), first word of pixel 0; ws: split weight block.
+AQD_T256 void count_steps(const ConvGeom& g, const uint64_t* xs, const uint64_t* ws, int pixels,
+                          int64_t k0, int64_t k1, bool first, int32_t* cnt) {
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                        0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
   const int64_t xstride = 2 * g.sw * g.CW;
   const int64_t* koff = g.koff;
-  __m256i c8[R][4];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) c8[r][j] = _mm256_setzero_si256();
-  for (int64_t k = k0; k < k1; ++k) {
-    const __m256i* wl = reinterpret_cast<const __m256i*>(ws + 32 * k);
-    const uint64_t* xk = xs + 2 * koff[k];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const long long* xr = reinterpret_cast<const long long*>(xk + r * xstride);
-      const __m256i bl = _mm256_set1_epi64x(xr[0]), bh = _mm256_set1_epi64x(xr[1]);
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        const __m256i l = _mm256_shuffle_epi8(lut, _mm256_xor_si256(bl, _mm256_loadu_si256(wl + j)));
-        const __m256i h = _mm256_shuffle_epi8(lut, _mm256_xor_si256(bh, _mm256_loadu_si256(wl + 4 + j)));
-        c8[r][j] = _mm256_add_epi8(_mm256_add_epi8(c8[r][j], l), h);
-      }
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  __m256i b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  if (pixels == 2) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const __m256i* wl = reinterpret_cast<const __m256i*>(ws + 32 * k);
+      const long long* x0 = reinterpret_cast<const long long*>(xs + 2 * koff[k]);
+      AQD_STEP(x0, a0, a1, a2, a3);
+      AQD_STEP(x0 + xstride, b0, b1, b2, b3);
+    }
+    fold(b0, b1, b2, b3, first, cnt + kOutBlock);
+  } else {
+    for (int64_t k = k0; k < k1; ++k) {
+      const __m256i* wl = reinterpret_cast<const __m256i*>(ws + 32 * k);
+      AQD_STEP(reinterpret_cast<const long long*>(xs + 2 * koff[k]), a0, a1, a2, a3);
     }
   }
-  const __m256i zero = _mm256_setzero_si256();
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    for (int h = 0; h < 2; ++h) {
-      // fold: sums of the 8 byte counts of each 64-bit lane (< 2^32), even channels in the
-      // low and odd channels in the high halves: 8 int32 counts in channel order
-      const __m256i ev = _mm256_sad_epu8(c8[r][2 * h], zero);
-      const __m256i od = _mm256_sad_epu8(c8[r][2 * h + 1], zero);
-      const __m256i s = _mm256_or_si256(ev, _mm256_slli_epi64(od, 32));
-      __m256i* c = reinterpret_cast<__m256i*>(cnt + r * kOutBlock + 8 * h);
-      _mm256_storeu_si256(c, first ? s : _mm256_add_epi32(_mm256_loadu_si256(c), s));
-    }
-  }
+  fold(a0, a1, a2, a3, first, cnt);
 }
+#undef AQD_STEP
+#undef AQD_NIB
 
 // Output of R <= 8 pixels (ow .. ow+R-1 of row oh) x the channels of block ob from their
 // counts (cnt[r * 16 + c]): y = float(K - 2 * count) * alpha + bias (a multiply, then an
@@ -271,9 +296,8 @@ AQD_T256 void conv_row(const ConvGeom& g, const uint64_t* xp, const uint64_t* wp
   for (int64_t k0 = 0; k0 < g.KS; k0 += chunk) {
     const int64_t k1 = k0 + chunk < g.KS ? k0 + chunk : g.KS;
     int64_t ow = 0;
-    for (; ow + kTile <= g.OW; ow += kTile)
-      count_steps<kTile>(g, xs + ow * px, ws, k0, k1, k0 == 0, cnt + ow * kOutBlock);
-    for (; ow < g.OW; ++ow) count_steps<1>(g, xs + ow * px, ws, k0, k1, k0 == 0, cnt + ow * kOutBlock);
+    for (; ow + 2 <= g.OW; ow += 2) count_steps(g, xs + ow * px, ws, 2, k0, k1, k0 == 0, cnt + ow * kOutBlock);
+    if (ow < g.OW) count_steps(g, xs + ow * px, ws, 1, k0, k1, k0 == 0, cnt + ow * kOutBlock);
   }
   for (int64_t ow = 0; ow < g.OW; ow += 8) {
     const int R = static_cast<int>(g.OW - ow < 8 ? g.OW - ow : 8);
