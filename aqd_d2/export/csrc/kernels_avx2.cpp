@@ -69,6 +69,9 @@ AQD_T256 void pack_rows(const ConvGeom& g, const float* x, uint64_t* xp, int64_t
         }
       }
     } else {
+      // pixels contiguous per channel: the 8-pixel sign mask of channel c (vmovmskps) is byte
+      // c of a 64-byte bit matrix; word i (pixel i) then gathers bit i of every byte: shift
+      // it to bit 7 of its byte, vpmovmskb (2 shifts + 2 vpmovmskb per word)
       const int64_t plane = g.H * g.W;
       for (int64_t cw = 0; cw < CW; ++cw) {
         const int64_t c0 = cw * 64, cn = g.C - c0 < 64 ? g.C - c0 : 64;
@@ -77,24 +80,21 @@ AQD_T256 void pack_rows(const ConvGeom& g, const float* x, uint64_t* xp, int64_t
           const int valid = static_cast<int>(rem < 8 ? rem : 8);
           const __m256i lm = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), lane);
           const float* s = x + ((n * g.C + c0) * g.H + h) * g.W + w0;
-          __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
-          __m256i bit = _mm256_set1_epi64x(1);
-          for (int64_t c = 0; c < cn; ++c) {
+          alignas(32) uint8_t m[64];
+          if (cn < 64) std::memset(m + cn, 0, static_cast<size_t>(64 - cn));
+          for (int64_t c = 0; c < cn; ++c) {  // lanes past the row's end: not stored below
             const float* p = s + c * plane;
             const __m256 f = rem >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lm);
-            const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(f, zero, _CMP_GE_OQ));
-            // widen the 8 32-bit compare masks to 2 x 4 64-bit lanes, keep bit c of each word
-            const __m256i ge_lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(ge));
-            const __m256i ge_hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(ge, 1));
-            lo = _mm256_or_si256(lo, _mm256_and_si256(ge_lo, bit));
-            hi = _mm256_or_si256(hi, _mm256_and_si256(ge_hi, bit));
-            bit = _mm256_add_epi64(bit, bit);
+            m[c] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(f, zero, _CMP_GE_OQ)));
           }
-          alignas(32) uint64_t tmp[8];
-          _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), lo);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(tmp + 4), hi);
-          const int64_t cnt = rem < 8 ? rem : 8;
-          for (int64_t i = 0; i < cnt; ++i) px0[(w0 + i) * CW + cw] = tmp[i];
+          const __m256i m0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(m));
+          const __m256i m1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(m + 32));
+          for (int i = 0; i < valid; ++i) {
+            const __m128i sh = _mm_cvtsi32_si128(7 - i);  // bit i -> bit 7 of the same byte
+            const uint32_t lo = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_sll_epi64(m0, sh)));
+            const uint32_t hi = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_sll_epi64(m1, sh)));
+            px0[(w0 + i) * CW + cw] = static_cast<uint64_t>(hi) << 32 | lo;
+          }
         }
       }
     }
