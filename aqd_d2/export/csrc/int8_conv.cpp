@@ -93,17 +93,24 @@ const float* channel_vector(const at::Tensor& t, int64_t O, const char* name) {
 }
 
 
-// Padded NHWC rows [r0, r1) of the flattened (n, padded row) index: padding pixels and the
-// channel tail hold z (the weights of the tail channels are 0).
-void pack_rows(const Geom& g, const uint8_t* src, uint8_t* dst, uint8_t z, int64_t r0,
-               int64_t r1) {
+// Rows [r0, r1) of the flattened (n, padded row) index of the padded NHWC buffer: each row
+// is filled with z (padding pixels and the channel tail; the tail channels' weights are 0),
+// then body(d, n, h) writes input row h of image n, d pointing at its first non-padding pixel.
+template <class Body>
+void for_padded_rows(const Geom& g, uint8_t* dst, uint8_t z, int64_t r0, int64_t r1, Body body) {
   const int64_t row = g.Wp * g.Cp;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / g.Hp, h = r % g.Hp - g.ph;
     uint8_t* d = dst + r * row;
     std::memset(d, z, row);
-    if (h < 0 || h >= g.H) continue;
-    d += g.pw * g.Cp;
+    if (h >= 0 && h < g.H) body(d + g.pw * g.Cp, n, h);
+  }
+}
+
+// Padded NHWC rows [r0, r1) from uint8 codes.
+void pack_rows(const Geom& g, const uint8_t* src, uint8_t* dst, uint8_t z, int64_t r0,
+               int64_t r1) {
+  for_padded_rows(g, dst, z, r0, r1, [&](uint8_t* d, int64_t n, int64_t h) {
     if (g.in_nhwc) {
       const uint8_t* s = src + (n * g.H + h) * g.W * g.C;
       if (g.Cp == g.C) {
@@ -117,20 +124,14 @@ void pack_rows(const Geom& g, const uint8_t* src, uint8_t* dst, uint8_t z, int64
       for (int64_t c = 0; c < g.C; ++c)
         for (int64_t w = 0; w < g.W; ++w) d[w * g.Cp + c] = s[c * plane + w];
     }
-  }
+  });
 }
 
 // pack_rows for float input: the codes of each value, in the same layout as pack_rows.
 void pack_rows_float_generic(const Geom& g, const float* src, uint8_t* dst, uint8_t z,
                              const Encoding& e, int64_t r0, int64_t r1) {
-  const int64_t row = g.Wp * g.Cp;
   std::vector<uint8_t> tmp(g.in_nhwc ? 0 : g.W);
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t n = r / g.Hp, h = r % g.Hp - g.ph;
-    uint8_t* d = dst + r * row;
-    std::memset(d, z, row);
-    if (h < 0 || h >= g.H) continue;
-    d += g.pw * g.Cp;
+  for_padded_rows(g, dst, z, r0, r1, [&](uint8_t* d, int64_t n, int64_t h) {
     if (g.in_nhwc) {
       const float* s = src + (n * g.H + h) * g.W * g.C;
       for (int64_t w = 0; w < g.W; ++w)
@@ -144,7 +145,7 @@ void pack_rows_float_generic(const Geom& g, const float* src, uint8_t* dst, uint
         for (int64_t w = 0; w < g.W; ++w) d[w * g.Cp + c] = tmp[w];
       }
     }
-  }
+  });
 }
 
 at::Tensor int8_conv2d(const at::Tensor& codes, std::optional<at::ArrayRef<double>> encode,
