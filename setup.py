@@ -1,6 +1,10 @@
 #!/usr/bin/env python
 """Install aqd_d2 (``pip install -e .``). detectron2 itself is built by tools/bootstrap.py,
-because no detectron2 distribution on PyPI installs as-is (see README)."""
+because no detectron2 distribution on PyPI installs as-is (see README).
+
+torch, torchvision and detectron2 are not listed: they are the user's (a GPU build, a
+detectron2 main build, a fork), and pip must never replace them when aqd_d2 is installed into
+an existing environment. ``aqd_d2.compat`` checks the torch version at import time."""
 from setuptools import find_packages, setup
 
 setup(
@@ -11,8 +15,6 @@ setup(
     package_data={"aqd_d2.export": ["csrc/*.cpp", "csrc/*.h", "csrc/*.inc"]},
     python_requires=">=3.9",
     install_requires=[
-        "torch>=2.0",
-        "torchvision",
         "fvcore",
         "iopath",
         "pycocotools",

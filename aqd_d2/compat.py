@@ -117,11 +117,33 @@ def _shim_compiled_ops() -> None:
 # detectron2/data/transforms/transform.py uses ``interp=Image.LINEAR`` as a default
 # argument, evaluated when the module is imported. We provide the name only while that
 # module is imported (Image.LINEAR was an alias of Image.BILINEAR) and take it away again.
+def _module_source_matches(name: str, pattern: "re.Pattern[str]") -> bool:
+    """Whether the installed source of module ``name`` contains ``pattern`` (False when the
+    module or its source is missing): how a shim decides that this detectron2 needs it."""
+    import os
+
+    import detectron2  # light; find_spec(name) would import the parent packages
+
+    parts = name.split(".")
+    assert parts[0] == "detectron2", name
+    for root in detectron2.__path__:
+        path = os.path.join(root, *parts[1:]) + ".py"
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return bool(pattern.search(f.read()))
+    return False
+
+
+_PIL_LINEAR = re.compile(r"\bImage\.LINEAR\b")
+
+
 def _shim_pillow_linear() -> None:
     from PIL import Image
 
     if "detectron2.data.transforms.transform" in sys.modules or hasattr(Image, "LINEAR"):
         return
+    if not _module_source_matches("detectron2.data.transforms.transform", _PIL_LINEAR):
+        return  # this detectron2 (main since 2023) no longer uses the name
     Image.LINEAR = Image.BILINEAR
     try:
         importlib.import_module("detectron2.data.transforms.transform")
@@ -144,10 +166,15 @@ def _resource_filename(package: str, resource: str) -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], resource)
 
 
+_PKG_RESOURCES = re.compile(r"^\s*import pkg_resources\b", re.M)
+
+
 def _shim_pkg_resources() -> None:
     if "detectron2.model_zoo.model_zoo" in sys.modules:
         return
     if importlib.util.find_spec("pkg_resources") is not None:
+        return
+    if not _module_source_matches("detectron2.model_zoo.model_zoo", _PKG_RESOURCES):
         return
     stub = types.ModuleType("pkg_resources", "aqd_d2 stand-in for detectron2.model_zoo")
     stub.resource_filename = _resource_filename
@@ -213,12 +240,8 @@ def _shim_numpy_aliases() -> None:
     proxy = _NumpyWithLegacyAliases(missing)
     patched = []
     for name in _LEGACY_NUMPY_MODULES:
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            continue
-        with open(spec.origin, encoding="utf-8") as f:
-            if not pattern.search(f.read()):
-                continue  # this detectron2 no longer uses the removed names here
+        if not _module_source_matches(name, pattern):
+            continue  # this detectron2 no longer uses the removed names here
         module = importlib.import_module(name)
         if getattr(module, "np", None) is np:
             module.np = proxy
@@ -260,6 +283,22 @@ def _shim_cpu_ddp() -> None:
     APPLIED.append("create_ddp_model: device_ids=None for CPU modules")
 
 
+# --------------------------------------------------------------------------------------
+# 0. torch version (setup.py does not pin torch: it is the user's, see setup.py)
+# --------------------------------------------------------------------------------------
+MIN_TORCH = (2, 0)
+
+
+def _check_torch() -> None:
+    import torch
+
+    found = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
+    if found < MIN_TORCH:
+        raise ImportError(
+            f"aqd_d2 needs torch >= {'.'.join(map(str, MIN_TORCH))}, found {torch.__version__}; "
+            "upgrade torch (and rebuild detectron2 against it)")
+
+
 _DONE = False
 
 
@@ -272,6 +311,7 @@ def apply() -> List[str]:
     global _DONE
     if _DONE:
         return APPLIED
+    _check_torch()
     _shim_compiled_ops()
     _shim_pillow_linear()
     _shim_pkg_resources()

@@ -19,10 +19,34 @@ def test_import_registers_and_detectron2_modules_import():
     from detectron2.data import build
 
     assert compat.apply() is compat.APPLIED  # idempotent
-    if not hasattr(np, "int"):
-        # detectron2 modules see the legacy names, NumPy itself is untouched.
+    if not hasattr(np, "int") and _source_uses(build, r"\bnp\.int\b(?!_)"):
+        # detectron2 v0.6: its modules see the legacy names, NumPy itself is untouched.
         assert build.np.int is int and pascal_voc.np.str is str
         assert build.np.zeros is np.zeros
+    else:  # detectron2 main no longer uses them: nothing patched
+        assert build.np is np and not any("NumPy" in a for a in compat.APPLIED)
+
+
+def _source_uses(module, pattern: str) -> bool:
+    import inspect
+    import re
+
+    return re.search(pattern, inspect.getsource(module)) is not None
+
+
+def test_applied_lists_exactly_the_shims_this_detectron2_needs():
+    """Feature detection, never versions: a shim is listed iff the installed detectron2's own
+    source still uses what the shim provides (v0.6 sdist: all; main: pkg_resources only)."""
+    import detectron2.data.transforms.transform as transform
+    import detectron2.model_zoo.model_zoo as model_zoo
+
+    applied = " | ".join(compat.APPLIED)
+    assert ("Image.LINEAR" in applied) == _source_uses(transform, r"\bImage\.LINEAR\b")
+    assert ("pkg_resources" in applied) == (
+        _source_uses(model_zoo, r"import pkg_resources")
+        and importlib.util.find_spec("pkg_resources") is None)
+    assert ("_C stand-in" in applied) == (not compat.has_compiled_ops())
+    assert "create_ddp_model" in applied  # detectron2 still passes device_ids=[rank] on CPU
 
 
 def test_shims_do_not_leak_outside_detectron2():

@@ -3,6 +3,12 @@
 
     python3 tools/run.py demo   # train + evaluate the CPU RetinaNet-R18 demo, draw detections
     python3 tools/run.py test   # the test suite (extra arguments go to pytest)
+    python3 tools/run.py setup  # only build the environment
+
+Each takes ``--detectron2 PATH`` right after the command: a detectron2 source folder or
+archive (e.g. a ``git archive`` of detectron2's main branch) to build, with its C++ ops, into
+its own venv ``.venv-<name>`` instead of the default v0.6 sdist in ``.venv``
+(``$AQD_DETECTRON2`` does the same).
 
 Stdlib only until the virtual environment exists (tools/bootstrap.py builds it).
 """
@@ -27,8 +33,17 @@ def main(argv) -> int:
     spec = importlib.util.spec_from_file_location("aqd_bootstrap", HERE / "bootstrap.py")
     bootstrap = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bootstrap)
-    python = str(bootstrap.ensure_environment())
     cmd, rest = argv[0], argv[1:]
+    detectron2 = None
+    if rest and rest[0].startswith("--detectron2"):
+        if "=" in rest[0]:
+            detectron2, rest = rest[0].split("=", 1)[1], rest[1:]
+        elif len(rest) >= 2:
+            detectron2, rest = rest[1], rest[2:]
+        else:
+            print("--detectron2 needs a path (a detectron2 source folder or archive)")
+            return 2
+    python = str(bootstrap.ensure_environment(detectron2=detectron2))
     if cmd == "setup":
         return 0
     if cmd == "test":

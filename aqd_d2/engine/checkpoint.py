@@ -89,7 +89,15 @@ class AQDCheckpointer(DetectionCheckpointer):
     def load(self, path: str, *args, **kwargs):
         if path and "://" not in path and not os.path.isfile(path):
             raise CheckpointError(f"checkpoint {path!r} does not exist (MODEL.WEIGHTS?)")
-        return super().load(path, *args, **kwargs)
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            # detectron2 main keeps the URL being loaded in _parsed_url_during_load, asserts
+            # it is None when load() starts and resets it only after a successful load: one
+            # failed load (a CheckpointError above) would turn every later load() into a bare
+            # AssertionError. v0.6 has no such attribute.
+            if hasattr(self, "_parsed_url_during_load"):
+                self._parsed_url_during_load = None
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         try:

@@ -5,7 +5,8 @@ binary detectors with Adam (paper 000 sec. 4.1: "the Adam optimizer was applied"
 rate 1e-3, decayed 10x at epochs 40 and 60 of 80 on VOC), so :class:`~aqd_d2.engine.Trainer`
 builds the optimizer here:
 
-* ``"SGD"``: exactly detectron2's (``SOLVER.MOMENTUM``, ``SOLVER.NESTEROV``);
+* ``"SGD"``: detectron2's own ``build_optimizer``, whichever detectron2 is installed (v0.6
+  builds plain SGD; main adds ``foreach=True``), so it is always exactly detectron2's;
 * ``"Adam"``: ``torch.optim.Adam`` with ``SOLVER.ADAM_BETAS`` / ``SOLVER.ADAM_EPS`` and
   ``SOLVER.WEIGHT_DECAY`` as an L2 term in the gradient (PyTorch's Adam);
 * ``"AdamW"``: the same with decoupled weight decay.
@@ -21,6 +22,7 @@ drive every choice. detectron2's own ``DefaultTrainer`` does not read ``SOLVER.O
 from __future__ import annotations
 
 import torch
+from detectron2.solver import build_optimizer as d2_build_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from torch import nn
 
@@ -42,12 +44,12 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """
     s = cfg.SOLVER
     name = s.OPTIMIZER
+    if name == "SGD":
+        return d2_build_optimizer(cfg, model)
     params = get_default_optimizer_params(
         model, base_lr=s.BASE_LR, weight_decay_norm=s.WEIGHT_DECAY_NORM,
         bias_lr_factor=s.BIAS_LR_FACTOR, weight_decay_bias=s.WEIGHT_DECAY_BIAS)
-    if name == "SGD":
-        cls, extra = torch.optim.SGD, {"momentum": s.MOMENTUM, "nesterov": s.NESTEROV}
-    elif name in ("Adam", "AdamW"):
+    if name in ("Adam", "AdamW"):
         cls = torch.optim.Adam if name == "Adam" else torch.optim.AdamW
         extra = {"betas": tuple(float(b) for b in s.ADAM_BETAS), "eps": float(s.ADAM_EPS)}
     else:

@@ -17,6 +17,7 @@ raises) together and the replicas stay identical.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -35,6 +36,14 @@ logger = logging.getLogger(__name__)
 
 TRAIN_LOOP_REGISTRY = Registry("AQD_TRAIN_LOOP")
 TRAIN_LOOP_REGISTRY.__doc__ = "Training loops, looked up by cfg.AQD.TRAIN_LOOP."
+
+
+# Feature detection (never version strings: detectron2 main still says "0.6").
+# main (since 2023): SimpleTrainer._data_loader_iter is a lazily created property.
+_SIMPLE_TRAINER_ITER_IS_LAZY = isinstance(
+    inspect.getattr_static(SimpleTrainer, "_data_loader_iter", None), property)
+# main: TrainerBase.after_backward runs the hooks' after_backward after loss.backward().
+_HAS_AFTER_BACKWARD = hasattr(TrainerBase, "after_backward")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -59,14 +68,20 @@ class AQDTrainLoop(SimpleTrainer):
     """
 
     def __init__(self, cfg, model, data_loader, optimizer, data_iter: Optional[Iterator] = None):
-        # SimpleTrainer.__init__ would start a second iterator (and its worker processes); set
-        # the same attributes it sets instead.
-        TrainerBase.__init__(self)
-        model.train()
-        self.model = model
-        self.data_loader = data_loader
-        self._data_loader_iter = data_iter if data_iter is not None else iter(data_loader)
-        self.optimizer = optimizer
+        self._aqd_data_iter = data_iter
+        if _SIMPLE_TRAINER_ITER_IS_LAZY:
+            # detectron2 main: SimpleTrainer.__init__ starts no iterator; it also sets the
+            # attributes its _write_metrics / after_train read (gather_metric_period,
+            # zero_grad_before_forward, async_write_metrics, concurrent_executor).
+            SimpleTrainer.__init__(self, model, data_loader, optimizer)
+        else:
+            # detectron2 v0.6: SimpleTrainer.__init__ would start a second iterator (and its
+            # worker processes); set the same attributes it sets instead.
+            TrainerBase.__init__(self)
+            model.train()
+            self.model = model
+            self.data_loader = data_loader
+            self.optimizer = optimizer
         self.cfg = cfg
         nf = cfg.AQD.NONFINITE
         self.nonfinite_policy: str = nf.POLICY
@@ -76,6 +91,26 @@ class AQDTrainLoop(SimpleTrainer):
         self.skipped_iters = 0
         self.consecutive_skips = 0
         self.last_skipped_iter = -1
+
+    # The loop owns its data iterator in both detectron2s (v0.6 assigns a plain attribute,
+    # main made it a lazily created read-only property): created on first use unless the
+    # Trainer handed over the iterator of the SimpleTrainer it replaces; assignable (the GAN
+    # loop feeds the detector step one kept batch).
+    @property
+    def _data_loader_iter(self) -> Iterator:
+        if self._aqd_data_iter is None:
+            self._aqd_data_iter = iter(self.data_loader)
+        return self._aqd_data_iter
+
+    @_data_loader_iter.setter
+    def _data_loader_iter(self, it: Iterator) -> None:
+        self._aqd_data_iter = it
+
+    def reset_data_loader(self, data_loader_builder) -> None:
+        """As detectron2 main's SimpleTrainer.reset_data_loader (also offered on v0.6)."""
+        del self.data_loader
+        self.data_loader = data_loader_builder()
+        self._aqd_data_iter = None
 
     # ---------------------------------------------------------------- non-finite policy
     def check_finite(self, loss_dict: Mapping[str, torch.Tensor], what: str = "loss") -> bool:
@@ -172,6 +207,8 @@ class AQDTrainLoop(SimpleTrainer):
             return  # every rank skips backward and step together
         losses = sum(loss_dict.values())
         losses.backward()
+        if _HAS_AFTER_BACKWARD:
+            self.after_backward()  # detectron2 main: hooks' after_backward
         if self.check_grads and not self.check_finite_grads():
             self.optimizer.zero_grad()
             return

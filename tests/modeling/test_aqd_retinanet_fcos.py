@@ -247,3 +247,20 @@ def test_bad_detector_keys_raise_config_error(opts, match):
     cfg = load_test_config(FCOS_CPU, opts)
     with pytest.raises(ConfigError, match=match):
         aqd_d2.validate_aqd_config(cfg)
+
+
+def test_fcos_centerness_targets_hand_values():
+    """FCOS eq. 3: centerness = sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b)); matched boxes are
+    plain (R, 4) tensors (detectron2 main's FCOS convention; v0.6 passed Boxes)."""
+    _, model = _build(FCOS_CPU)
+    # two locations: centers (10, 20) and (20, 15) (anchor boxes of side 8 around them)
+    anchors = [Boxes(torch.tensor([[6.0, 16.0, 14.0, 24.0]])), Boxes(torch.tensor([[16.0, 11.0, 24.0, 19.0]]))]
+    box = torch.tensor([0.0, 0.0, 40.0, 30.0])
+    gt = [torch.stack([box, box])]  # one image, both locations matched to the same box
+    ctr = model.compute_ctrness_targets(anchors, gt)
+    # (10, 20): l 10, r 30, t 20, b 10 -> sqrt(1/3 * 1/2); (20, 15): l = r = 20, t = b = 15 -> 1
+    assert ctr.shape == (1, 2)
+    assert torch.allclose(ctr, torch.tensor([[math.sqrt(1 / 6), 1.0]]), atol=1e-7)
+    labels, boxes = model.label_anchors(anchors, [Instances(
+        (64, 64), gt_boxes=Boxes(box[None]), gt_classes=torch.tensor([2]))])
+    assert isinstance(boxes[0], torch.Tensor) and boxes[0].shape == (2, 4)

@@ -248,32 +248,56 @@ class FCOS(D2FCOS):
 
     @torch.no_grad()
     def label_anchors(self, anchors: List[Boxes], gt_instances: List[Instances]):
-        """Per image: (R,) class labels (``num_classes`` = background) and matched gt Boxes (R)
-        (background locations get an arbitrary box, or zeros for an image without boxes)."""
+        """Per image: (R,) class labels (``num_classes`` = background) and the matched gt boxes
+        as an (R, 4) tensor (background locations get an arbitrary box, or zeros for an image
+        without boxes). Tensors, not ``Boxes``: the losses below take plain tensors, so this
+        class runs unchanged on detectron2 v0.6 (whose FCOS passed ``Boxes``) and main (which
+        passes tensors); nothing here calls the parent's target code."""
         labels, boxes = [], []
         for idx, gt in zip(self.match_anchors(anchors, gt_instances), gt_instances):
             if len(gt) == 0:
                 labels.append(torch.full_like(idx, self.num_classes))
-                boxes.append(Boxes(idx.new_zeros((len(idx), 4), dtype=torch.float32)))
+                boxes.append(idx.new_zeros((len(idx), 4), dtype=torch.float32))
                 continue
             lab = gt.gt_classes[idx.clamp(min=0)].clone()
             lab[idx < 0] = self.num_classes
             labels.append(lab)
-            boxes.append(gt.gt_boxes[idx.clamp(min=0)])
+            boxes.append(gt.gt_boxes.tensor[idx.clamp(min=0)])
         return labels, boxes
 
+    def compute_ctrness_targets(self, anchors: List[Boxes], gt_boxes: List[Tensor]) -> Tensor:
+        """Centerness targets, FCOS paper eq. 3:
+        ``sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))`` of each location's distances
+        to its matched box (only meaningful at foreground locations).
+
+        Args:
+            anchors: per level (Ri, 4) location boxes (their centers are the locations);
+            gt_boxes: per image (R, 4) matched boxes.
+        Returns:
+            (N, R) tensor.
+        """
+        points = Boxes.cat(anchors).get_centers()  # (R, 2)
+        if not gt_boxes:
+            return points.new_zeros((0, len(points)))
+        boxes = torch.stack(gt_boxes)  # (N, R, 4)
+        left_right = torch.stack([points[:, 0] - boxes[..., 0], boxes[..., 2] - points[:, 0]], -1)
+        top_bottom = torch.stack([points[:, 1] - boxes[..., 1], boxes[..., 3] - points[:, 1]], -1)
+        ratio = (left_right.min(-1).values / left_right.max(-1).values) * (
+            top_bottom.min(-1).values / top_bottom.max(-1).values)
+        return torch.sqrt(ratio)
+
     # ---- losses ----------------------------------------------------------------------------
-    def box_reg_loss(self, anchors: List[Boxes], pred_deltas: List[Tensor], gt_boxes: List[Boxes],
+    def box_reg_loss(self, anchors: List[Boxes], pred_deltas: List[Tensor], gt_boxes: List[Tensor],
                      fg: Tensor) -> Tensor:
         """Summed box loss over foreground locations.
 
         Args:
             anchors: per level (Ri, 4) boxes; pred_deltas: per level (N, Ri, 4);
-            gt_boxes: per image matched Boxes (R); fg: (N, R) bool.
+            gt_boxes: per image matched boxes (R, 4); fg: (N, R) bool.
         Returns:
             scalar tensor.
         """
-        targets = [b.tensor for b in gt_boxes]
+        targets = list(gt_boxes)
         if self.box_reg_loss_type != "iou":
             return _dense_box_regression_loss(
                 anchors, self.box2box_transform, pred_deltas, targets, fg,
