@@ -59,6 +59,10 @@ def test_truncated_and_foreign_files_fail_clearly(tmp_path):
         ck.load(str(tmp_path / "list.pth"))
     with pytest.raises(CheckpointError, match="does not exist"):
         ck.load(str(tmp_path / "missing.pth"))
+    # after failed loads the same checkpointer still loads a good file (detectron2 main keeps
+    # per-load state that only a successful load reset: the next load was an AssertionError)
+    ck.load(str(tmp_path / "full.pth"))
+    assert getattr(ck, "_parsed_url_during_load", None) is None
 
 
 def test_other_architecture_fails_and_same_architecture_loads(tmp_path):
