@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode as CN
 
-from . import bidet, centernet_yolo, detectors, engine, quant, rcnn, reliability, ssd
+from . import bidet, centernet_yolo, datasets, detectors, engine, quant, rcnn, reliability, ssd
 from . import bidet_ssd  # MODEL.BIDET.SSD_* (after bidet, which creates MODEL.BIDET)
 from . import pruning  # AQD.PRUNING, MODEL.SHUFFLENETV2, MODEL.LIGHT_HEAD
 from .checks import ConfigError, check_choice, check_range, get_key
@@ -25,8 +25,8 @@ __all__ = ["add_aqd_config", "validate_aqd_config", "ConfigError", "check_choice
            "get_key", "SECTIONS"]
 
 # quant first: other sections may read MODEL.QUANT; engine creates the AQD node.
-SECTIONS = (quant, engine, detectors, centernet_yolo, ssd, bidet, bidet_ssd, rcnn, reliability,
-            pruning)
+SECTIONS = (quant, engine, datasets, detectors, centernet_yolo, ssd, bidet, bidet_ssd, rcnn,
+            reliability, pruning)
 
 
 def add_aqd_config(cfg: CN) -> CN:

@@ -19,6 +19,7 @@ from .register import (
     load_synthetic,
     register_all,
     register_coco_dataset,
+    register_datasets_from_config,
     register_voc_dataset,
 )
 from .scenes import CLASS_NAMES, KITTI_CLASSES, SHAPE_CLASSES
@@ -35,7 +36,8 @@ _LAZY = {
 __all__ = [
     "CLASS_NAMES", "SHAPE_CLASSES", "KITTI_CLASSES", "FAMILIES", "SyntheticFamily",
     "datasets_root", "ensure_generated", "load_synthetic", "register_all",
-    "register_coco_dataset", "register_voc_dataset", "TRAIN_MAPPER_REGISTRY",
+    "register_coco_dataset", "register_voc_dataset", "register_datasets_from_config",
+    "TRAIN_MAPPER_REGISTRY",
     "build_aqd_train_loader", "build_train_mapper", *_LAZY,
 ]
 

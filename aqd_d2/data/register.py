@@ -50,7 +50,7 @@ from .scenes import CLASS_NAMES
 
 __all__ = [
     "SyntheticFamily", "FAMILIES", "datasets_root", "ensure_generated", "load_synthetic",
-    "register_all", "register_coco_dataset", "register_voc_dataset",
+    "register_all", "register_coco_dataset", "register_voc_dataset", "register_datasets_from_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -342,3 +342,50 @@ def register_voc_dataset(name: str, dirname: str, split: str, class_names: Seque
     MetadataCatalog.get(name).set(thing_classes=classes, dirname=dirname, split=split, year=year,
                                   evaluator_type="pascal_voc")
     return name
+
+
+def _same_registration(name: str, **expected) -> bool:
+    """Whether ``name`` is registered already with these metadata values (a second call of
+    :func:`register_datasets_from_config` in the same process is then a no-op)."""
+    if name not in DatasetCatalog.list():
+        return False
+    meta = MetadataCatalog.get(name)
+    same = all(os.path.abspath(str(getattr(meta, k, ""))) == os.path.abspath(v)
+               if k != "split" else getattr(meta, k, None) == v for k, v in expected.items())
+    if not same:
+        from ..config import ConfigError
+
+        raise ConfigError(f"dataset {name!r} is already registered with other files "
+                          f"({ {k: getattr(meta, k, None) for k in expected} }); pick another name")
+    return True
+
+
+def register_datasets_from_config(cfg) -> List[str]:
+    """Register the datasets named in ``cfg.AQD.DATASETS`` (COCO json / VOC folders).
+
+    ``train_net.py`` and ``aqd-train`` call it (their ``--coco`` / ``--voc`` flags add entries);
+    a project's own script calls it after merging its config. Idempotent for the same files.
+
+    Args:
+        cfg: a config with aqd_d2's keys.
+    Returns:
+        the names registered (or found registered with the same files).
+    Raises:
+        FileNotFoundError: a file or folder is missing (names the dataset and the path);
+        ConfigError: a name is registered already with other files.
+    """
+    from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASS_NAMES
+
+    names = []
+    for name, json_file, image_root in cfg.AQD.DATASETS.COCO:
+        if not _same_registration(name, json_file=json_file, image_root=image_root):
+            register_coco_dataset(name, json_file, image_root)
+        names.append(name)
+    for entry in cfg.AQD.DATASETS.VOC:
+        name, dirname, split = entry[:3]
+        classes = ([c.strip() for c in entry[3].split(",") if c.strip()] if len(entry) > 3
+                   else list(VOC_CLASS_NAMES))
+        if not _same_registration(name, dirname=dirname, split=split):
+            register_voc_dataset(name, dirname, split, classes)
+        names.append(name)
+    return names
