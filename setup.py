@@ -14,6 +14,8 @@ setup(
     packages=find_packages(include=("aqd_d2", "aqd_d2.*")),
     package_data={"aqd_d2.export": ["csrc/*.cpp", "csrc/*.h", "csrc/*.inc"]},
     python_requires=">=3.9",
+    # `aqd-train`: train_net.py as an installed command (works outside the repository)
+    entry_points={"console_scripts": ["aqd-train = aqd_d2.train_net:cli"]},
     install_requires=[
         "fvcore",
         "iopath",

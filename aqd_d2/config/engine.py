@@ -24,14 +24,20 @@ def add_config(cfg: CN) -> None:
     # (detectron2's: MOMENTUM, NESTEROV), "Adam" (BiDet / AutoBiDet, paper 000 sec. 4.1) or
     # "AdamW". detectron2's own DefaultTrainer ignores this key and always builds SGD.
     _C.SOLVER.OPTIMIZER = "SGD"
+    # MODEL.WEIGHTS names a local file that does not exist (train_net.py / aqd-train): "raise"
+    # stops with an error naming it and how to make it; "scratch" logs one line and trains
+    # from random initialisation (the CPU twins, whose float checkpoint is written by their
+    # *-FP twin into OUTPUT_DIR relative to the working directory).
+    _C.AQD.MISSING_WEIGHTS = "raise"
     # Adam / AdamW (beta1, beta2) and epsilon; ignored by SGD.
     _C.SOLVER.ADAM_BETAS = (0.9, 0.999)
     _C.SOLVER.ADAM_EPS = 1e-8
 
 
 def validate(cfg: CN) -> None:
-    """Check AQD.EVALUATOR, AQD.TRAIN_LOOP, INPUT.TRAIN_MAPPER, SOLVER.OPTIMIZER / ADAM_* and MODEL.DEVICE."""
+    """Check AQD.EVALUATOR, AQD.MISSING_WEIGHTS, AQD.TRAIN_LOOP, INPUT.TRAIN_MAPPER, SOLVER.OPTIMIZER / ADAM_* and MODEL.DEVICE."""
     check_choice(cfg, "AQD.EVALUATOR", {"auto", "coco", "pascal_voc", "none"})
+    check_choice(cfg, "AQD.MISSING_WEIGHTS", {"raise", "scratch"})
     from ..data.mappers import TRAIN_MAPPER_REGISTRY
     from ..engine.train_loop import TRAIN_LOOP_REGISTRY
 
