@@ -240,6 +240,11 @@ def save_packed(model: nn.Module, path: str, version: int = VERSION, bn_affine: 
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".packed-", suffix=".tmp", dir=directory)
     try:
+        # mkstemp creates the file 0600; give it the mode open() would (0666 less the umask),
+        # the mode of detectron2's checkpoints next to it
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             if version == 1:
                 torch.save(blob, f)
