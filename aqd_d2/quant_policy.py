@@ -137,6 +137,7 @@ class QuantPolicy:
     w_norm: bool = True
     w_kwargs: Dict[str, Any] = field(default_factory=dict)
     a_kwargs: Dict[str, Any] = field(default_factory=dict)
+    fused_kernels: str = "auto"  # MODEL.QUANT.FUSED_KERNELS, set on every quantizer built
     check_methods: bool = field(default=True, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -182,6 +183,7 @@ class QuantPolicy:
             overrides=tuple(q.OVERRIDES), w_norm=bool(q.W_NORM),
             w_kwargs=_parse_kwargs(q.W_KWARGS, "MODEL.QUANT.W_KWARGS"),
             a_kwargs=_parse_kwargs(q.A_KWARGS, "MODEL.QUANT.A_KWARGS"),
+            fused_kernels=str(q.get("FUSED_KERNELS", "auto")),
             check_methods=check_methods,
         )
 
@@ -212,6 +214,9 @@ class QuantPolicy:
             wq = build_quantizer(p.w_method, p.w_bits, "weight", **self._kwargs(p.w_method, "weight"))
         if p.a_bits < FLOAT_BITS:
             aq = build_quantizer(p.a_method, p.a_bits, "activation", **self._kwargs(p.a_method, "activation"))
+        for q in (wq, aq):
+            if q is not None:
+                q.set_fused_kernels(self.fused_kernels)
         return wq, aq
 
     # ---- validation --------------------------------------------------------------------------

@@ -19,6 +19,8 @@ DEFAULT_COMPONENT_PREFIXES = (
     "head:proposal_generator.",
     "head:roi_heads.",
 )
+#: values of MODEL.QUANT.FUSED_KERNELS (a subset of aqd_d2.quantization.triton_ops.FUSED_MODES)
+FUSED_KERNELS_CHOICES = ("auto", "off")
 DEFAULT_LAST_LAYERS = (
     r"head\.(cls_score|bbox_pred|ctrness)",
     r"proposal_generator\.rpn_head\.(objectness_logits|anchor_deltas|anchor_logvar)",
@@ -89,6 +91,12 @@ def add_config(cfg: CN) -> None:
     _C.MODEL.QUANT.W_KWARGS = []
     # Same for activation quantizers.
     _C.MODEL.QUANT.A_KWARGS = []
+    # Fused fake-quantization kernels (aqd_d2.quantization.triton_ops): "auto" runs each
+    # quantizer's forward and backward as Triton kernels (1-3 launches instead of ~10-25
+    # eager ops, no host syncs) on CUDA tensors when Triton is installed, with the eager
+    # formulas and gradients; "off" always uses the eager PyTorch kernels. CPU tensors
+    # always use the eager kernels.
+    _C.MODEL.QUANT.FUSED_KERNELS = "auto"
 
 
 def validate(cfg: CN) -> None:
@@ -100,5 +108,7 @@ def validate(cfg: CN) -> None:
     """
     # Imported here: aqd_d2.quant_policy imports this module (ConfigError).
     from ..quant_policy import QuantPolicy
+
+    check_choice(cfg, "MODEL.QUANT.FUSED_KERNELS", FUSED_KERNELS_CHOICES)
 
     QuantPolicy.from_config(cfg, check_methods=bool(cfg.MODEL.QUANT.ENABLED))

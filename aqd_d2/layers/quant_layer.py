@@ -53,7 +53,14 @@ class QuantLayerMixin:
     # ---- helpers used by forward ----------------------------------------------------------
     @staticmethod
     def _active(q: Optional[nn.Module]) -> bool:
-        return q is not None and bool(getattr(q, "enabled", True))
+        """True for a present, enabled quantizer. aqd_d2 quantizers answer from a host copy
+        of their ``enabled`` buffer (:attr:`Quantizer.is_enabled`), so a training step on
+        a GPU does not wait for the device here."""
+        if q is None:
+            return False
+        if isinstance(q, Quantizer):
+            return q.is_enabled
+        return bool(getattr(q, "enabled", True))
 
     def quantized_weight(self) -> torch.Tensor:
         """``Q_w(W)``: the fake-quantized weight (the float weight if no/disabled quantizer)."""

@@ -19,7 +19,7 @@ Contract for subclasses:
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -96,18 +96,83 @@ class Quantizer(nn.Module):
         self.bits = validate_bits(self.method, bits, self.allowed_bits)
         self.role = role
         self.kernel: Optional[QuantKernel] = None
+        #: "auto": fused Triton kernels on CUDA tensors (aqd_d2.quantization.triton_ops),
+        #: "off": always the eager kernels, "force": Triton on any tensor (CPU tensors need
+        #: TRITON_INTERPRET=1; for tests). A runtime choice, not state: not checkpointed.
+        #: Set from MODEL.QUANT.FUSED_KERNELS; change it with :meth:`set_fused_kernels`.
+        self.fused_kernels = "auto"
+        # Host copies of the bool buffers: name -> (buffer tensor, its _version, value).
+        # Reading a CUDA bool is a device->host sync; the copy is reused while the buffer
+        # object and its version counter are unchanged (any in-place write, e.g. fill_,
+        # load_state_dict's copy_ or a DDP buffer broadcast, bumps the version; .to() makes
+        # a new tensor, see _apply), so a training step reads nothing from the device.
+        self._host_flags: Dict[str, Tuple[torch.Tensor, int, bool]] = {}
         self.register_buffer("enabled", torch.tensor(True))
         if self.needs_init:
             self.register_buffer("initialized", torch.tensor(False))
 
     # ---- state -------------------------------------------------------------------------
+    def _remember_flag(self, name: str, value: bool) -> None:
+        t = self._buffers[name]
+        try:
+            self._host_flags[name] = (t, t._version, bool(value))
+        except RuntimeError:  # inference tensors have no version counter: nothing cached
+            self._host_flags.pop(name, None)
+
+    def _host_flag(self, name: str) -> bool:
+        """``bool(buffer)`` without touching the device while the host copy is current."""
+        t = self._buffers[name]
+        cached = self._host_flags.get(name)
+        if cached is not None and cached[0] is t:
+            try:
+                if cached[1] == t._version:
+                    return cached[2]
+            except RuntimeError:
+                pass
+        value = bool(t)
+        self._remember_flag(name, value)
+        return value
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() replace the buffers by converted copies holding the same
+        # truth values: carry current host copies over instead of reading them back.
+        known = {}
+        for n, (t, version, value) in list(self._host_flags.items()):
+            try:
+                if self._buffers.get(n) is t and t._version == version:
+                    known[n] = value
+            except RuntimeError:
+                pass
+        out = super()._apply(fn, *args, **kwargs)
+        for n, v in known.items():
+            if self._buffers.get(n) is not None and self._buffers[n].dtype == torch.bool:
+                self._remember_flag(n, v)
+        return out
+
     def set_enabled(self, flag: bool) -> None:
         """Switch quantization on (True) or make this quantizer the identity (False)."""
         self.enabled.fill_(bool(flag))
+        self._remember_flag("enabled", bool(flag))
 
     @property
     def is_enabled(self) -> bool:
-        return bool(self.enabled)
+        return self._host_flag("enabled")
+
+    def set_fused_kernels(self, mode: str) -> None:
+        """``"auto"`` / ``"off"`` / ``"force"``, see ``fused_kernels`` in ``__init__``."""
+        if mode not in ("auto", "off", "force"):
+            raise ValueError(f"fused_kernels must be 'auto', 'off' or 'force', got {mode!r}")
+        self.fused_kernels = mode
+
+    def kernel_for(self, x: torch.Tensor) -> Optional[QuantKernel]:
+        """The kernel that quantizes ``x``: the Triton one where ``fused_kernels`` and the
+        device allow it (see :mod:`.triton_ops`), else the eager ``self.kernel``."""
+        mode = self.fused_kernels
+        if self.kernel is None or mode == "off" or (x.device.type != "cuda" and mode != "force"):
+            return self.kernel
+        from .triton_ops import fused_kernel  # imports Triton: only when it may be used
+
+        return fused_kernel(self.kernel, x, mode) or self.kernel
 
     @property
     def is_binary(self) -> bool:
@@ -140,13 +205,14 @@ class Quantizer(nn.Module):
         In eval mode an uninitialised quantizer keeps its constructor defaults.
         Initialised values are averaged across DDP ranks.
         """
-        if not (self.needs_init and self.training) or x.numel() == 0 or bool(self.initialized):
+        if not (self.needs_init and self.training) or x.numel() == 0 or self._host_flag("initialized"):
             return
         with torch.no_grad():
             self.initialize(x.detach())
             for p in self.quant_params():
                 all_reduce_mean_(p.data)
             self.initialized.fill_(True)
+        self._remember_flag("initialized", True)
 
     # ---- computation -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,12 +226,13 @@ class Quantizer(nn.Module):
         if not self.is_enabled:
             return None
         self.maybe_initialize(x)
-        return self.kernel, self.quant_params()
+        return self.kernel_for(x), self.quant_params()
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize ``x`` (any shape) as one autograd node; same shape and dtype."""
+        """Fake-quantize ``x`` (any shape) as one autograd node; same shape and dtype
+        (half-precision inputs are quantized in float32, see :func:`.functional.widen`)."""
         self.maybe_initialize(x)
-        return fake_quantize(self.kernel, x, *self.quant_params())
+        return fake_quantize(self.kernel_for(x), x, *self.quant_params())
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

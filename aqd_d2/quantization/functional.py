@@ -36,6 +36,8 @@ __all__ = [
     "dequantize",
     "QuantKernel",
     "fake_quantize",
+    "kernel_backward",
+    "widen",
 ]
 
 Grads = Tuple[Optional[torch.Tensor], ...]
@@ -210,6 +212,12 @@ class QuantKernel:
     recompute.
     """
 
+    #: True for kernels that compute in float32 whatever the input dtype and accept
+    #: ``out_dtype`` in ``forward`` / ``forward_with_state`` (the Triton kernels of
+    #: :mod:`.triton_ops`); eager kernels compute in the input's dtype, so callers widen
+    #: half-precision inputs to float32 first (:func:`widen`).
+    fused: bool = False
+
     def grid(
         self, x: torch.Tensor, *params: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -247,20 +255,56 @@ class QuantKernel:
         raise NotImplementedError
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def widen(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if it is float16 / bfloat16, else unchanged: quantizers compute
+    their rounding grid in float32 (under autocast the activations arrive in half
+    precision; only the result is cast to the conv's dtype)."""
+    return t.float() if t.dtype in _HALF else t
+
+
+def kernel_backward(
+    kernel: QuantKernel,
+    x: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    grad_y: torch.Tensor,
+    needs_grad: Sequence[bool],
+    state: object = None,
+    overwrite_grad: bool = False,
+) -> Grads:
+    """``kernel.backward`` with the float32 rule of :func:`widen`: an eager kernel gets
+    ``x`` and ``grad_y`` in float32 and dL/dx is returned in ``x``'s dtype (fused kernels
+    widen internally and write dL/dx in ``x``'s dtype themselves)."""
+    if kernel.fused:
+        return kernel.backward(x, params, grad_y, needs_grad, state, overwrite_grad)
+    xw = widen(x)
+    gw = grad_y.to(xw.dtype)
+    grads = kernel.backward(xw, params, gw, needs_grad, state, overwrite_grad or gw is not grad_y)
+    gx = grads[0]
+    if gx is not None and gx.dtype != x.dtype:
+        gx = gx.to(x.dtype)
+    return (gx, *grads[1:])
+
+
 class _FakeQuantize(torch.autograd.Function):
     """One graph node for a whole quantizer: saves ``x`` and ``params`` only, and calls the
-    kernel's analytic backward (which recomputes what it needs from them)."""
+    kernel's analytic backward (which recomputes what it needs from them). Half-precision
+    inputs are quantized in float32 and the result is returned in the input's dtype."""
 
     @staticmethod
     def forward(ctx, kernel: QuantKernel, x: torch.Tensor, *params: torch.Tensor):
         ctx.kernel = kernel
         ctx.save_for_backward(x, *params)
-        return kernel.forward(x, *params)
+        if kernel.fused:
+            return kernel.forward(x, *params)
+        return kernel.forward(widen(x), *params).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         x, *params = ctx.saved_tensors
-        grads = ctx.kernel.backward(x, params, grad_y, ctx.needs_input_grad[1:])
+        grads = kernel_backward(ctx.kernel, x, params, grad_y, ctx.needs_input_grad[1:])
         return (None, *grads)
 
 

@@ -16,13 +16,14 @@ exactly as ``F.conv2d`` would, the quantizers in the input's dtype. XNOR's activ
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from .base import Quantizer
-from .functional import QuantKernel
+from .functional import QuantKernel, kernel_backward, widen
 
 __all__ = ["quant_conv2d", "quant_linear"]
 
@@ -48,7 +49,18 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     except TypeError:  # torch < 2.4: only the CUDA query exists
         if device_type == "cuda" and torch.is_autocast_enabled():
             return torch.get_autocast_gpu_dtype()
+    except RuntimeError:  # a device type without autocast (e.g. meta)
+        pass
     return None
+
+
+def _no_autocast(device_type: str):
+    """``torch.autocast(device_type, enabled=False)``, or nothing for device types that
+    have no autocast (meta)."""
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
 
 
 def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]):
@@ -56,28 +68,37 @@ def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]):
 
 
 def _quantize(spec: _Spec, t: torch.Tensor, want_state: bool, pad4: _Pad4 = None,
-              value: float = 0.0):
-    """``(pad(Q(t), value), state for the quantizer's backward)``. (Writing the quantized
-    values straight into the interior of a padded buffer measured slower than one
+              value: float = 0.0, out_dtype: Optional[torch.dtype] = None):
+    """``(pad(Q(t), value) in out_dtype, state for the quantizer's backward)``. The rounding
+    grid is computed in float32 (eager kernels get half-precision ``t`` widened; fused
+    kernels widen on load and write ``out_dtype`` directly). (Writing the quantized values
+    straight into the interior of a padded buffer measured slower on CPU than one
     contiguous pass plus ``F.pad``: strided writes, and a strided gradient upstream.)"""
     if spec is None:
-        y, state = t, None
+        y, state = _cast(t, out_dtype), None
+    elif spec[0].fused:
+        y, state = spec[0].forward_with_state(t, spec[1], True, out_dtype)
     elif want_state:
-        y, state = spec[0].forward_with_state(t, spec[1])
+        y, state = spec[0].forward_with_state(widen(t), spec[1])
+        y = _cast(y, out_dtype)
     else:
-        y, state = spec[0].forward(t, *spec[1]), None
-    return (y if pad4 is None else F.pad(y, pad4, value=value)), state
+        y, state = _cast(spec[0].forward(widen(t), *spec[1]), out_dtype), None
+    if pad4 is not None:
+        y = F.pad(y, pad4, value=value)
+        if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous(memory_format=torch.channels_last)  # F.pad returns NCHW
+    return y, state
 
 
 def _chain(spec: _Spec, t: torch.Tensor, grad, needs: Sequence[bool], state=None):
     """Back through a quantizer: ``(grad_t, grads of params...)``. ``grad`` is ours (fresh
     from the conv backward), so the kernel may overwrite it, unless it is a strided view
     (the interior of a padded gradient): then a fresh contiguous result is better for the
-    ops upstream."""
+    ops upstream. dL/dt comes back in ``t``'s dtype (see :func:`kernel_backward`)."""
     if spec is None:
-        return (grad,)
-    grad = grad.to(t.dtype)
-    return spec[0].backward(t, spec[1], grad, needs, state, overwrite_grad=grad.is_contiguous())
+        return (grad.to(t.dtype),)
+    owned = grad.is_contiguous() or grad.is_contiguous(memory_format=torch.channels_last)
+    return kernel_backward(spec[0], t, spec[1], grad, needs, state, overwrite_grad=owned)
 
 
 def _specs(ctx, params):
@@ -94,13 +115,13 @@ class _QuantConv2d(torch.autograd.Function):
     def forward(ctx, x, w, bias, xspec, wspec, geom, *params):
         stride, pad4, conv_pad, dilation, groups, pad_value = geom
         cdtype = _autocast_dtype(x.device.type)
-        with torch.autocast(x.device.type, enabled=False):
-            xq, _ = _quantize(xspec, x, False, pad4, pad_value)
-            wq, _ = _quantize(wspec, w, False)
-            y = F.conv2d(_cast(xq, cdtype), _cast(wq, cdtype), _cast(bias, cdtype), stride,
-                         conv_pad, dilation, groups)
+        with _no_autocast(x.device.type):
+            xq, _ = _quantize(xspec, x, False, pad4, pad_value, cdtype)
+            wq, _ = _quantize(wspec, w, False, None, 0.0, cdtype)
+            y = F.conv2d(xq, wq, _cast(bias, cdtype), stride, conv_pad, dilation, groups)
         ctx.kernels = (None if xspec is None else xspec[0], None if wspec is None else wspec[0])
         ctx.geom, ctx.cdtype, ctx.has_bias = geom, cdtype, bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.nx = 0 if xspec is None else len(xspec[1])
         ctx.save_for_backward(x, w, *params)
         return y
@@ -113,16 +134,18 @@ class _QuantConv2d(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_x, need_w = (need[0], *need[6:6 + ctx.nx]), (need[1], *need[6 + ctx.nx:])
         # recompute the quantized operands, keeping what the quantizers' backward needs
-        xq, xstate = _quantize(xspec, x, any(need_x), pad4, pad_value)
-        wq, wstate = _quantize(wspec, w, any(need_w))
         cd = ctx.cdtype
+        xq, xstate = _quantize(xspec, x, any(need_x), pad4, pad_value, cd)
+        wq, wstate = _quantize(wspec, w, any(need_w), None, 0.0, cd)
         gxq, gwq, gb = torch.ops.aten.convolution_backward(
-            _cast(gy, cd), _cast(xq, cd), _cast(wq, cd), [w.shape[0]] if ctx.has_bias else None,
+            _cast(gy, cd), xq, wq, [w.shape[0]] if ctx.has_bias else None,
             list(stride), list(conv_pad), list(dilation), False, [0, 0], groups,
             [any(need_x), any(need_w), ctx.has_bias and need[2]],
         )
         del xq, wq
         gx_all: Tuple = (None,) * len(need_x)
+        if gxq is not None and xspec is None:
+            gxq = gxq.to(x.dtype)
         if gxq is not None:
             if pad4 is not None:
                 left, right, top, bottom = pad4
@@ -131,6 +154,8 @@ class _QuantConv2d(torch.autograd.Function):
         gw_all: Tuple = (None,) * len(need_w)
         if gwq is not None:
             gw_all = _chain(wspec, w, gwq, need_w, wstate)
+        if gb is not None and ctx.has_bias:
+            gb = gb.to(ctx.bias_dtype)
         return (gx_all[0], gw_all[0], gb, None, None, None, *gx_all[1:], *gw_all[1:])
 
 
@@ -194,13 +219,14 @@ class _QuantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bias, xspec, wspec, *params):
         cdtype = _autocast_dtype(x.device.type)
-        with torch.autocast(x.device.type, enabled=False):
-            xq, _ = _quantize(xspec, x, False)
-            wq, _ = _quantize(wspec, w, False)
-            y = F.linear(_cast(xq, cdtype), _cast(wq, cdtype), _cast(bias, cdtype))
+        with _no_autocast(x.device.type):
+            xq, _ = _quantize(xspec, x, False, out_dtype=cdtype)
+            wq, _ = _quantize(wspec, w, False, out_dtype=cdtype)
+            y = F.linear(xq, wq, _cast(bias, cdtype))
         ctx.kernels = (None if xspec is None else xspec[0], None if wspec is None else wspec[0])
         ctx.nx = 0 if xspec is None else len(xspec[1])
         ctx.cdtype, ctx.has_bias = cdtype, bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, w, *params)
         return y
 
@@ -214,17 +240,17 @@ class _QuantLinear(torch.autograd.Function):
         g2 = _cast(gy, cd).reshape(-1, gy.shape[-1])
         gx_all: Tuple = (None,) * len(need_x)
         gw_all: Tuple = (None,) * len(need_w)
-        xq, xstate = _quantize(xspec, x, any(need_x))
+        xq, xstate = _quantize(xspec, x, any(need_x), out_dtype=cd)
         if any(need_x):
-            wq, _ = _quantize(wspec, w, False)
-            gxq = (g2 @ _cast(wq, cd)).reshape(x.shape)
+            wq, _ = _quantize(wspec, w, False, out_dtype=cd)
+            gxq = (g2 @ wq).reshape(x.shape)
             del wq
             gx_all = _chain(xspec, x, gxq, need_x, xstate)
         if any(need_w):
             wq, wstate = _quantize(wspec, w, True)
-            gwq = g2.t() @ _cast(xq, cd).reshape(-1, xq.shape[-1])
+            gwq = g2.t() @ xq.reshape(-1, xq.shape[-1])
             gw_all = _chain(wspec, w, gwq, need_w, wstate)
-        gb = g2.sum(0) if (ctx.has_bias and need[2]) else None
+        gb = g2.sum(0).to(ctx.bias_dtype) if (ctx.has_bias and need[2]) else None
         return (gx_all[0], gw_all[0], gb, None, None, *gx_all[1:], *gw_all[1:])
 
 
