@@ -64,7 +64,7 @@ def scalar_tensor(v: Scalar, like: torch.Tensor) -> torch.Tensor:
     """``v`` as a 0-d tensor with ``like``'s dtype and device (the rounding kernels apply)."""
     if isinstance(v, torch.Tensor):
         return v.to(dtype=like.dtype, device=like.device)
-    return torch.tensor(v, dtype=like.dtype, device=like.device)
+    return torch.full((), v, dtype=like.dtype, device=like.device)  # a fill, not a copy
 
 
 @functools.lru_cache(maxsize=None)

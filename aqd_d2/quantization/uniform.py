@@ -191,7 +191,7 @@ class DoReFaWeightKernel(QuantKernel):
         t = torch.tanh(w)
         m = t.abs().max().clamp_min(_STEP_MIN)
         codes = t.div_(2.0 * m).add_(0.5).mul_(self.levels).round_()
-        step = torch.tensor(2.0 / self.levels, dtype=w.dtype, device=w.device)
+        step = torch.full((), 2.0 / self.levels, dtype=w.dtype, device=w.device)  # no H2D copy
         return codes, step, torch.full_like(step, -1.0)
 
     def backward(self, w, params, grad_y, needs_grad, state=None, overwrite_grad=False) -> Grads:
@@ -215,7 +215,7 @@ class DoReFaActivationKernel(QuantKernel):
 
     def grid(self, x: torch.Tensor):
         codes = x.clamp(0.0, 1.0).mul_(self.levels).round_()
-        return codes, torch.tensor(1.0 / self.levels, dtype=x.dtype, device=x.device), None
+        return codes, torch.full((), 1.0 / self.levels, dtype=x.dtype, device=x.device), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, step, _ = self.grid(x)
