@@ -294,8 +294,8 @@ class SSDMapper:
                 "min_box_size": s.MIN_BOX_SIZE}
 
     def __call__(self, dataset_dict: Dict) -> Dict:
-        """Args: a detectron2 dataset dict. Returns: it with "image" (3, S, S) float32 and
-        "instances" (gt_boxes, gt_classes), without "annotations"."""
+        """Args: a detectron2 dataset dict. Returns: it with "image" (3, S, S) float32 with
+        values in [0, 255] and "instances" (gt_boxes, gt_classes), without "annotations"."""
         d = copy.deepcopy(dataset_dict)
         image = utils.read_image(d["file_name"], format=self.image_format)
         utils.check_image_size(d, image)
@@ -305,6 +305,13 @@ class SSDMapper:
         aug_input = T.AugInput(image, boxes=boxes)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
+        if image.dtype != np.uint8:
+            # a float image (after the colour / zoom-out steps) is resized by detectron2's
+            # ResizeTransform with F.interpolate: its float32 bilinear weights do not sum to
+            # exactly 1, so a blend of pixels at 255 can come out one ulp above (255.00002),
+            # depending on how ATen splits the loop (seen with 1 thread, any vector width).
+            # Clamped: the image stays in the [0, 255] range the mapper promises.
+            image = np.clip(image, 0, 255)
         h, w = image.shape[:2]
         d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32)
         # SSD keeps a box only if its centre lies inside the crop: the centre's image under
