@@ -1,14 +1,22 @@
 """Binary SSD300-VGG16 (configs/SSD, paper 000's binary SSD): its packed file, loaded for
 inference with the real XNOR-popcount kernel, gives the fake-quantized detector's detections
-on the embedded VOC-layout dataset's images."""
+on the embedded VOC-layout dataset's images: with BN kept, bit for bit those of the
+fake-quantized detector whose quantized convolutions are computed exactly
+(tests/export/exact_reference.py), on any CPU."""
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from aqd_d2.export import binary_conv as bc
 from aqd_d2.export import packed_size_report, save_packed
 from aqd_d2.export.deploy import load_for_inference
 from aqd_d2.layers import QConv2d
+
+from .exact_reference import ExactQuantizedConvs
+
+# one intra-op thread per module (tests/conftest.py); set here, it is restored afterwards
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CONFIG = "configs/SSD/VGG16-shapes-voc-cpu-XNOR.yaml"
 
@@ -32,7 +40,6 @@ def test_packed_binary_ssd_equals_fake_quant(tmp_path, fold_bn):
 
     from tests.test_configs import load_test_config, tiny_batch
 
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = load_test_config(CONFIG, narrow=True)
     model = build_model(cfg)
@@ -43,8 +50,12 @@ def test_packed_binary_ssd_equals_fake_quant(tmp_path, fold_bn):
         nn.init.normal_(conv.weight, std=0.002)  # (binary features are large: keep scores < 1)
     model.eval()
     batch = _voc_images()
-    with torch.no_grad():
+    # the reference: the fake-quantized detector with each binary convolution computed exactly
+    # (sum of +-alpha in float64, rounded once), not by a float32 kernel whose summation order
+    # (oneDNN's AVX-512 or AVX2 convolution) rounds differently on each CPU
+    with torch.no_grad(), ExactQuantizedConvs(model) as exact:
         ref = [o["instances"] for o in model(batch)]
+    assert len(exact.layers) > 10
 
     path = tmp_path / "ssd.packed"
     report = save_packed(model, str(path))
@@ -59,9 +70,13 @@ def test_packed_binary_ssd_equals_fake_quant(tmp_path, fold_bn):
     for a, b in zip(ref, out):
         assert len(a) == len(b) and len(a) > 0
         assert torch.equal(a.pred_classes, b.pred_classes)
-        if fold_bn:  # BN folded into the kernel's scale / bias: equal to float32 rounding
+        if fold_bn:  # BN folded into the kernel's scale / bias: a few float32 roundings per layer
             torch.testing.assert_close(b.scores, a.scores, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor, rtol=1e-4, atol=1e-3)
-        else:  # integer popcounts + the same float ops as the fake-quantized model
+        elif bc.kernel_backend().startswith("cpp"):
+            # exact popcounts, one rounding of count * alpha + bias (FMA), then the same float
+            # ops as the reference: bit for bit
+            assert torch.equal(b.scores, a.scores) and torch.equal(b.pred_boxes.tensor, a.pred_boxes.tensor)
+        else:  # the PyTorch fallback rounds twice (y * alpha, then + bias): an ulp per layer
             torch.testing.assert_close(b.scores, a.scores, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor, rtol=1e-5, atol=1e-4)

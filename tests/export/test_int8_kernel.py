@@ -4,7 +4,6 @@ and the PyTorch (torch._int_mm) path's float32 bits, on odd shapes, every weight
 quantizer kind, zero points, padding, stride, dilation, 1x1 and linear layers."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from aqd_d2.export.int8_gemm import (
     INT8_ISA_NAMES,
@@ -15,6 +14,8 @@ from aqd_d2.export.int8_gemm import (
     int8_kernel_backend,
 )
 from aqd_d2.quantization import build_quantizer
+
+from .exact_reference import assert_within, exact_conv, fake_quant_exact, grid_values
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -96,10 +97,12 @@ def test_conv_matches_fake_quant_and_torch_path(case, quant, isa, monkeypatch):
     mod = _module(conv, wq, aq, (s, s), (p, p), (d, d))
     y = _run(mod, x, monkeypatch, "cpp", isa)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    # the fake-quantized conv (float32 accumulation: equal up to its rounding)
+    # the fake-quantized conv computed exactly: equal up to the kernel's float32 epilogue
     with torch.no_grad():
-        ref = F.conv2d(aq(x), wq(conv.weight), conv.bias, s, p, d)
-    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max())), (y - ref).abs().max()
+        xv, _ = grid_values(aq, x)
+        wv, wbound = grid_values(wq, conv.weight)
+        ref, mag = exact_conv(xv, wv, conv.bias, s, p, d, wmag=wbound)
+    assert_within(y, ref, mag, 0, f"{case} {quant} {isa}")
     # the torch._int_mm path: the same int32 accumulators and the same float32 epilogue
     # (TWN's step depends on the summation order over x, so NCHW and channels_last memory
     # can give different steps: each memory format is compared with itself)
@@ -146,9 +149,11 @@ def test_linear_matches_fake_quant(quant, isa, monkeypatch):
     mod = _module(lin, wq, aq)
     y = _run(mod, x, monkeypatch, "cpp", isa)
     with torch.no_grad():
-        ref = F.linear(aq(x), wq(lin.weight), lin.bias)
+        xv, _ = grid_values(aq, x)
+        wv, wbound = grid_values(wq, lin.weight)
+        ref, mag = exact_conv(xv, wv, lin.bias, wmag=wbound)
     assert y.shape == (3, 5, 11)
-    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert_within(y, ref, mag, 0, f"{quant} {isa}")
     if _addcmul_is_fma():
         assert torch.equal(y, _run(mod, x, monkeypatch, "torch"))
 
@@ -231,7 +236,7 @@ def test_op_rejects_bad_arguments():
 def test_deployed_layer_with_folded_bn_same_on_both_paths(monkeypatch):
     """convert_for_inference folds BN into the int8 layer's scale / shift (LIQ weights: with
     the sum column); the C++ kernel and the torch._int_mm path give the same float32 bits,
-    and both the fake-quantized layer's output up to float32 rounding."""
+    and both the fake-quantized layer's output (computed exactly) up to their float32 epilogue."""
     from torch import nn
 
     from aqd_d2.export.deploy import convert_for_inference
@@ -245,13 +250,13 @@ def test_deployed_layer_with_folded_bn_same_on_both_paths(monkeypatch):
     x = torch.randn(2, 12, 13, 10)
     with torch.no_grad():
         model.train()(x)
-        ref = model.eval()(x)
+    ref, mag = fake_quant_exact(model.eval()[0], x)
     deployed, _ = convert_for_inference(model, fold_bn=True)
     mod = deployed[0]
     assert isinstance(mod, Int8ConvInference) and mod.norm is None and mod.has_sum_column
     y_torch = _run(deployed, x, monkeypatch, "torch")
     for isa in int8_available_isas():
         y = _run(deployed, x, monkeypatch, "cpp", isa)
-        assert torch.allclose(y, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+        assert_within(y, ref, mag, 0, isa)
         if _addcmul_is_fma():
             assert torch.equal(y, y_torch)

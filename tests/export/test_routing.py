@@ -12,6 +12,8 @@ from aqd_d2.export.routing import measure_speedup, record_layer_inputs
 from aqd_d2.layers import QConv2d
 from aqd_d2.quantization import build_quantizer
 
+from .exact_reference import assert_within, fake_quant_exact, float_terms
+
 pytestmark = pytest.mark.skipif(not int8_gemm_available(), reason="torch._int_mm unavailable")
 
 
@@ -44,16 +46,21 @@ def test_record_layer_inputs_keeps_each_layers_first_input():
 def test_auto_routing_outcomes_compute_the_same(min_speedup, kind):
     m, x = _net()
     with torch.no_grad():
-        ref = m(x)
         dep, report = convert_for_inference(m, int8="auto", example_inputs=x, int8_min_speedup=min_speedup)
-        out = dep(x)
+        hidden = dep[0](x)
+        out = dep[1](hidden)
     assert all(isinstance(dep[i], kind) for i in range(2)), report.table()
     details = [r[2] for r in report.rows]
     assert all("measured" in d for d in details), details
     if kind is QConv2d:
         assert all(r[1] == "fake-quant weight frozen" and "< infx" in r[2] for r in report.rows)
         assert not dep[0].weight_quantizer.is_enabled and dep[0].norm is None  # frozen + BN folded
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # each layer against the fake-quantized layer computed exactly, on the input it receives
+    # (tests/export/exact_reference.py: the int8 path rounds only in its epilogue, the frozen
+    # float conv within the float32 bound of its dot products, on any CPU)
+    for i, (inp, o) in enumerate(((x, hidden), (hidden, out))):
+        ref, mag = fake_quant_exact(m[i], inp)
+        assert_within(o, ref, mag, float_terms(dep[i]), f"layer {i}: {report.table()}")
 
 
 def test_auto_needs_example_inputs_and_valid_mode():
