@@ -160,11 +160,24 @@ def kernel_available() -> bool:
     return load_extension()
 
 
+@functools.lru_cache(maxsize=None)
+def _available_isa_ids() -> Tuple[int, ...]:
+    """The extension's ids of the variants this CPU runs (fixed for the process). Asked with
+    the JIT tracer suspended: while it traces (fvcore's FLOP count of a deployed model, with
+    ``AQD_BINARY_ISA`` set) it cannot record an op that returns a list of ints."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        return tuple(getattr(torch.ops, OPS_NAMESPACE).available_isas())
+    finally:
+        torch._C._set_tracing_state(state)
+
+
 def available_isas() -> List[str]:
     """Kernel variants this CPU can run (empty when the extension is unavailable)."""
     if not kernel_available():
         return []
-    return [ISA_NAMES[i] for i in getattr(torch.ops, OPS_NAMESPACE).available_isas()]
+    return [ISA_NAMES[i] for i in _available_isa_ids()]
 
 
 def _isa_id(isa: Optional[str]) -> int:

@@ -204,6 +204,19 @@ def test_backend_selection(isas, monkeypatch):
     assert (build_directory() / "BUILD_OK").is_file()
 
 
+def test_traced_with_a_forced_variant(isas, monkeypatch):
+    """AQD_BINARY_ISA set while the JIT tracer runs (the FLOP count of a deployed model): the
+    variant check asks the extension which variants this CPU runs, an op returning a list of
+    ints that the tracer cannot record ("unsupported output list type: int")."""
+    monkeypatch.setenv("AQD_BINARY_ISA", isas[0])
+    m = bc.BinaryConv2dInference(torch.randn(6, 8, 3, 3), torch.rand(6) + 0.5, padding=1).eval()
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        traced = torch.jit.trace(m, x)
+        assert torch.equal(traced(x), m(x))
+    assert bc.kernel_backend() == f"cpp-{isas[0]}"
+
+
 def test_module_and_state_dict(isas):
     gen = torch.Generator().manual_seed(5)
     w, alpha, bias = torch.randn(12, 20, 3, 3, generator=gen), torch.rand(12), torch.randn(12)
