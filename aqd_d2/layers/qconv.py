@@ -131,10 +131,12 @@ class QConv2d(QuantLayerMixin, Conv2d):
     def _activation_scale(self, x: torch.Tensor, pad: Tuple[int, int, int, int]) -> torch.Tensor:
         return xnor_activation_scale(x, self.kernel_size, self.stride, pad, self.dilation)
 
-    def _quant_conv(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """``conv2d(pad(Q_x(x), padding_value), Q_w(W)) + bias`` (see module docstring)."""
+    def _quant_conv(self, x: torch.Tensor, bias: Optional[torch.Tensor],
+                    ready: Optional[bool] = None) -> torch.Tensor:
+        """``conv2d(pad(Q_x(x), padding_value), Q_w(W)) + bias`` (see module docstring).
+        ``ready``: :meth:`fused_ready` if the caller knows it."""
         pad = self._explicit_padding()
-        if self.padding_mode == "zeros" and self.fused_ready():
+        if self.padding_mode == "zeros" and (self.fused_ready() if ready is None else ready):
             return quant_conv2d(x, self.weight, bias, self.stride, pad, self.dilation, self.groups,
                          input_quantizer=self.input_quantizer, weight_quantizer=self.weight_quantizer)
         xq = self.quantize_input(x)
@@ -151,12 +153,13 @@ class QConv2d(QuantLayerMixin, Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (N, C_in, H, W). Returns: (N, C_out, H_out, W_out)."""
-        if self.scales_activations:
-            out = self._quant_conv(x, None) * self._activation_scale(x, self._explicit_padding())
+        scale, ready = self._layer_flags()
+        if scale:
+            out = self._quant_conv(x, None, ready) * self._activation_scale(x, self._explicit_padding())
             if self.bias is not None:
                 out = out + self.bias.view(1, -1, 1, 1)
         else:
-            out = self._quant_conv(x, self.bias)
+            out = self._quant_conv(x, self.bias, ready)
         if self.norm is not None:
             out = self.norm(out)
         if self.activation is not None:

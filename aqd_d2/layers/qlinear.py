@@ -99,9 +99,9 @@ class QLinear(QuantLayerMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (..., in_features). Returns: (..., out_features)."""
-        scale = self.scales_activations
+        scale, ready = self._layer_flags()
         bias = None if scale else self.bias
-        if self.fused_ready():
+        if ready:
             out = quant_linear(x, self.weight, bias, input_quantizer=self.input_quantizer,
                         weight_quantizer=self.weight_quantizer)
         else:

@@ -100,6 +100,16 @@ class QuantLayerMixin:
             for q in (self.weight_quantizer, self.input_quantizer)
         )
 
+    def _layer_flags(self) -> Tuple[bool, bool]:
+        """``(scales_activations, fused_ready())`` in one pass (each quantizer's flags read
+        once: the forward's per-call host work)."""
+        iq, wq = self.input_quantizer, self.weight_quantizer
+        x_on = self._active(iq)
+        scale = x_on and bool(getattr(iq, "scale_activations", False))
+        ready = (not x_on or getattr(iq, "kernel", None) is not None) and (
+            not self._active(wq) or getattr(wq, "kernel", None) is not None)
+        return scale, ready
+
     def quantizers(self) -> Iterator[Tuple[str, Quantizer]]:
         """Yield ``("weight"|"activation", quantizer)`` for each quantizer present."""
         if self.weight_quantizer is not None:

@@ -5,7 +5,7 @@ Importing this package registers every method: ``fp``, ``liq`` (AQD), ``lsq``, `
 ``bireal`` (1-bit, :mod:`.binary`). Build one with ``build_quantizer(method, bits, role)``.
 :func:`quant_conv2d` / :func:`quant_linear` are the memory-lean fused layer ops.
 """
-from .base import Quantizer, validate_bits
+from .base import Quantizer, clear_weight_caches, validate_bits
 from .registry import available_quantizers, build_quantizer, get_quantizer_class, register_quantizer
 from .functional import approx_sign, binary_sign, fake_quantize, round_ste, sign_ste
 from . import liq, uniform, binary  # noqa: F401  (registration)
@@ -28,6 +28,7 @@ from .fused import quant_conv2d, quant_linear
 __all__ = [
     "Quantizer",
     "validate_bits",
+    "clear_weight_caches",
     "available_quantizers",
     "build_quantizer",
     "get_quantizer_class",

@@ -27,7 +27,7 @@ from torch import nn
 
 from .functional import QuantKernel, fake_quantize
 
-__all__ = ["Quantizer", "validate_bits"]
+__all__ = ["Quantizer", "validate_bits", "clear_weight_caches"]
 
 
 def validate_bits(method: str, bits: int, allowed: Tuple[int, ...]) -> int:
@@ -53,6 +53,51 @@ def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t.div_(dist.get_world_size())
     return t
+
+
+def _stamp(t: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+    """``(t, its version counter, its data pointer)``: what identifies the *value* of ``t`` for
+    the weight cache. RuntimeError for tensors without a version counter (inference tensors)."""
+    return t, t._version, t.data_ptr()
+
+
+def _same(stamp: Tuple[torch.Tensor, int, int], t: torch.Tensor) -> bool:
+    return stamp[0] is t and stamp[1] == t._version and stamp[2] == t.data_ptr()
+
+
+class CachedWeight:
+    """One fake-quantized weight and the exact inputs it was computed from (immutable).
+
+    ``y`` is the quantized tensor a layer op uses, ``state`` what the kernel's backward needs
+    (:meth:`~.functional.QuantKernel.forward_with_state`; only if ``has_state``). Valid
+    while :meth:`Quantizer.cached_weight` finds every stamp unchanged.
+    """
+
+    __slots__ = ("x", "shape", "params", "kernel", "key", "inference", "y", "state", "has_state")
+
+    def __init__(self, x, params, kernel, key, y, state, has_state):
+        self.x = _stamp(x)
+        self.shape = x.shape
+        self.params = tuple(_stamp(p) for p in params)
+        self.kernel = kernel
+        self.key = key
+        self.inference = torch.is_inference_mode_enabled()
+        self.y = y
+        self.state = state
+        self.has_state = has_state
+
+
+def clear_weight_caches(module: nn.Module) -> int:
+    """Drop the cached quantized weight of every quantizer in ``module``; returns how many
+    were held. Needed only after a write the version counters do not see (see
+    :meth:`Quantizer.cached_weight`): e.g. ``p.data.copy_(...)`` or a raw ``dist.broadcast``
+    into a weight or a quantizer parameter."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, Quantizer):
+            n += m._wcache is not None
+            m._wcache = None
+    return n
 
 
 class Quantizer(nn.Module):
@@ -84,6 +129,9 @@ class Quantizer(nn.Module):
     allowed_bits: Tuple[int, ...] = tuple(range(1, 33))
     #: True for methods whose range is initialised from the first training batch
     needs_init: bool = False
+    #: (activation quantizers) ask the layer for XNOR's activation scale K; XNORQuantizer
+    #: sets it per instance. A class default, so layers read it without a failed lookup.
+    scale_activations: bool = False
 
     def __init__(self, bits: int, role: str = "weight"):
         super().__init__()
@@ -107,6 +155,8 @@ class Quantizer(nn.Module):
         # load_state_dict's copy_ or a DDP buffer broadcast, bumps the version; .to() makes
         # a new tensor, see _apply), so a training step reads nothing from the device.
         self._host_flags: Dict[str, Tuple[torch.Tensor, int, bool]] = {}
+        # The last fake-quantized weight (weight quantizers), see cached_weight.
+        self._wcache: Optional[CachedWeight] = None
         self.register_buffer("enabled", torch.tensor(True))
         if self.needs_init:
             self.register_buffer("initialized", torch.tensor(False))
@@ -143,6 +193,7 @@ class Quantizer(nn.Module):
                     known[n] = value
             except RuntimeError:
                 pass
+        self._wcache = None
         out = super()._apply(fn, *args, **kwargs)
         for n, v in known.items():
             if self._buffers.get(n) is not None and self._buffers[n].dtype == torch.bool:
@@ -153,6 +204,78 @@ class Quantizer(nn.Module):
         """Switch quantization on (True) or make this quantizer the identity (False)."""
         self.enabled.fill_(bool(flag))
         self._remember_flag("enabled", bool(flag))
+        self._wcache = None
+
+    # ---- cached quantized weight -------------------------------------------------------
+    def cached_weight(self, kernel, x: torch.Tensor, params: Tuple[torch.Tensor, ...], key,
+                      want_state: bool) -> Optional[CachedWeight]:
+        """The cached fake-quantized ``x`` if it was computed by ``kernel`` from this very
+        ``x`` and ``params`` with their current values, for the same ``key`` (the output dtype
+        the caller asks for), else None.
+
+        "Current values": each tensor is the same object, with the same version counter and
+        data pointer as when the entry was made. PyTorch bumps a tensor's version counter on
+        every in-place write to it or to any view or ``detach()`` of it, whether or not grad
+        mode is on: optimizer steps, ``load_state_dict``, ``copy_`` / ``fill_`` under
+        ``no_grad``, inference mode, DDP's buffer broadcast; ``.to()`` / ``.cuda()`` and
+        parameter re-assignment make new objects. Not seen (as autograd's own saved-tensor
+        check does not see them): writes through ``.data`` or other aliases that do not share
+        the version counter (numpy views, DLPack, a raw ``dist.broadcast``); call
+        :func:`clear_weight_caches` after those. Besides, the entry is dropped by
+        ``train()`` / ``eval()``, ``.to()``, ``load_state_dict``, :meth:`set_enabled`,
+        :meth:`set_fused_kernels` and data initialisation. (The enabled / initialized flags
+        need no key: a disabled quantizer never reaches the cache, and initialisation acts
+        on the result only through ``params``.)
+
+        Args:
+            kernel: the kernel about to run (eager or fused: distinct objects).
+            x, params: its inputs.
+            key: anything hashable the result also depends on (output dtype).
+            want_state: the caller needs the kernel's backward state too.
+        """
+        e = self._wcache
+        if (e is None or e.kernel is not kernel or e.key != key or (want_state and not e.has_state)
+                or len(params) != len(e.params)):
+            return None
+        try:
+            if not _same(e.x, x) or e.shape != x.shape:
+                return None
+            for stamp, p in zip(e.params, params):
+                if not _same(stamp, p):
+                    return None
+        except RuntimeError:  # a tensor without version counter
+            return None
+        if e.inference != torch.is_inference_mode_enabled():
+            return None
+        return e
+
+    def cache_weight(self, kernel, x: torch.Tensor, params: Tuple[torch.Tensor, ...], key,
+                     y: torch.Tensor, state, has_state: bool) -> None:
+        """Remember ``y`` (and ``state``) as the fake-quantized ``x`` (see :meth:`cached_weight`).
+        Memory: one tensor of the weight's size in ``y``'s dtype (plus, on CPU/eager kernels
+        with ``has_state``, the kernel's backward state, e.g. one more weight-sized tensor
+        for LIQ). Nothing is cached for tensors without version counter."""
+        try:
+            self._wcache = CachedWeight(x, params, kernel, key, y, state, has_state)
+        except RuntimeError:
+            self._wcache = None
+
+    def train(self, mode: bool = True):
+        self._wcache = None
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._wcache = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_wcache"] = None  # copies and pickles never carry the cache
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_wcache", None)  # pickled before the cache existed
 
     @property
     def is_enabled(self) -> bool:
@@ -163,6 +286,7 @@ class Quantizer(nn.Module):
         if mode not in ("auto", "off", "force"):
             raise ValueError(f"fused_kernels must be 'auto', 'off' or 'force', got {mode!r}")
         self.fused_kernels = mode
+        self._wcache = None
 
     def kernel_for(self, x: torch.Tensor) -> Optional[QuantKernel]:
         """The kernel that quantizes ``x``: the Triton one where ``fused_kernels`` and the
@@ -210,9 +334,10 @@ class Quantizer(nn.Module):
         with torch.no_grad():
             self.initialize(x.detach())
             for p in self.quant_params():
-                all_reduce_mean_(p.data)
+                all_reduce_mean_(p.data)  # (no version bump: the cache is dropped below)
             self.initialized.fill_(True)
         self._remember_flag("initialized", True)
+        self._wcache = None
 
     # ---- computation -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,19 @@ padding (the input quantizer's ``padding_value``, -1 for binary activations, wri
 the quantized input), same STE backward. Under autocast the conv runs in the autocast dtype
 exactly as ``F.conv2d`` would, the quantizers in the input's dtype. XNOR's activation scale
 ``K`` is not part of this op: multiply the output by it afterwards.
+
+Host work. On a GPU these ops are bound by the Python around the kernels, so:
+
+* without autograd (``torch.no_grad()``, inference, or no input requiring grad) the op runs
+  directly, with no ``autograd.Function`` (the same computation);
+* the fake-quantized *weight* is cached by its quantizer (:meth:`.base.Quantizer.cached_weight`:
+  valid while the weight and the quantizer's parameters are the same tensors with the same
+  version counters) and reused by later calls and by the backward: inference quantizes each
+  weight once, not on every call, and a training step once per layer (a head conv shared by
+  five pyramid levels: once, not ten times). The cached tensor is the value the op would
+  recompute (same kernel, same inputs), so outputs and gradients are unchanged. Memory: one
+  quantized copy of each weight (plus, for eager kernels in training, their backward state);
+* ``torch.autocast(enabled=False)`` is entered only where autocast is on.
 """
 from __future__ import annotations
 
@@ -40,6 +53,31 @@ def _prepare(q: Optional[Quantizer], t: torch.Tensor) -> _Spec:
     if q is None or t.numel() == 0:
         return None
     return q.prepare(t)
+
+
+def _weight_cache(q: Optional[Quantizer], spec: _Spec) -> Optional[Quantizer]:
+    """``q`` where its quantized weight may be cached: an aqd_d2 weight quantizer in use,
+    outside ``torch.compile`` tracing."""
+    if spec is None or not isinstance(q, Quantizer) or q.role != "weight" or _compiling():
+        return None
+    return q
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # older torch
+        return False
+
+
+def _needs_graph(tensors) -> bool:
+    """True when autograd records an op on ``tensors`` (grad mode on and one requires grad)."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -90,6 +128,22 @@ def _quantize(spec: _Spec, t: torch.Tensor, want_state: bool, pad4: _Pad4 = None
     return y, state
 
 
+def _quantize_weight(spec: _Spec, w: torch.Tensor, want_state: bool,
+                     out_dtype: Optional[torch.dtype], cache: Optional[Quantizer]):
+    """``_quantize(spec, w, want_state, out_dtype=out_dtype)`` through ``cache``'s cached
+    weight (see the module docstring): the stored result when it was computed from these
+    very tensors, else computed (with the backward state when ``want_state``) and stored."""
+    if cache is None or spec is None:
+        return _quantize(spec, w, want_state, out_dtype=out_dtype)
+    kernel, params = spec
+    hit = cache.cached_weight(kernel, w, params, out_dtype, want_state)
+    if hit is not None:
+        return hit.y, (hit.state if want_state else None)
+    y, state = _quantize(spec, w, want_state, out_dtype=out_dtype)
+    cache.cache_weight(kernel, w, params, out_dtype, y, state, want_state)
+    return y, state
+
+
 def _chain(spec: _Spec, t: torch.Tensor, grad, needs: Sequence[bool], state=None):
     """Back through a quantizer: ``(grad_t, grads of params...)``. ``grad`` is ours (fresh
     from the conv backward), so the kernel may overwrite it, unless it is a strided view
@@ -108,21 +162,36 @@ def _specs(ctx, params):
     return (None if xk is None else (xk, xp)), (None if wk is None else (wk, wp))
 
 
+def _conv_forward(x, w, bias, xspec, wspec, geom, wcache, want_wstate):
+    """``conv2d(pad(Q_x(x)), Q_w(W)) + bias`` without autograd (the forward of
+    :class:`_QuantConv2d`, and the whole op where no graph is recorded)."""
+    stride, pad4, conv_pad, dilation, groups, pad_value = geom
+    cdtype = _autocast_dtype(x.device.type)
+    if cdtype is None:  # (autocast off: nothing to switch off)
+        xq, _ = _quantize(xspec, x, False, pad4, pad_value)
+        wq, _ = _quantize_weight(wspec, w, want_wstate, None, wcache)
+        return F.conv2d(xq, wq, bias, stride, conv_pad, dilation, groups)
+    with _no_autocast(x.device.type):
+        xq, _ = _quantize(xspec, x, False, pad4, pad_value, cdtype)
+        wq, _ = _quantize_weight(wspec, w, want_wstate, cdtype, wcache)
+        return F.conv2d(xq, wq, _cast(bias, cdtype), stride, conv_pad, dilation, groups)
+
+
 class _QuantConv2d(torch.autograd.Function):
-    """Inputs ``(x, w, bias, xspec, wspec, geom, *params)``; saves ``x, w, *params``."""
+    """Inputs ``(x, w, bias, xspec, wspec, geom, wcache, *params)``; saves ``x, w, *params``.
+    ``wcache``: the weight quantizer whose cached quantized weight may be used, or None."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, xspec, wspec, geom, *params):
-        stride, pad4, conv_pad, dilation, groups, pad_value = geom
-        cdtype = _autocast_dtype(x.device.type)
-        with _no_autocast(x.device.type):
-            xq, _ = _quantize(xspec, x, False, pad4, pad_value, cdtype)
-            wq, _ = _quantize(wspec, w, False, None, 0.0, cdtype)
-            y = F.conv2d(xq, wq, _cast(bias, cdtype), stride, conv_pad, dilation, groups)
+    def forward(ctx, x, w, bias, xspec, wspec, geom, wcache, *params):
+        nx = 0 if xspec is None else len(xspec[1])
+        # with a cache, compute the weight's backward state now: the backward reuses it
+        want_wstate = wcache is not None and any(ctx.needs_input_grad[i] for i in (1, *range(7 + nx, 7 + len(params))))
+        y = _conv_forward(x, w, bias, xspec, wspec, geom, wcache, want_wstate)
         ctx.kernels = (None if xspec is None else xspec[0], None if wspec is None else wspec[0])
-        ctx.geom, ctx.cdtype, ctx.has_bias = geom, cdtype, bias is not None
+        ctx.geom, ctx.has_bias, ctx.wcache = geom, bias is not None, wcache
+        ctx.cdtype = _autocast_dtype(x.device.type)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.nx = 0 if xspec is None else len(xspec[1])
+        ctx.nx = nx
         ctx.save_for_backward(x, w, *params)
         return y
 
@@ -132,11 +201,12 @@ class _QuantConv2d(torch.autograd.Function):
         xspec, wspec = _specs(ctx, params)
         stride, pad4, conv_pad, dilation, groups, pad_value = ctx.geom
         need = ctx.needs_input_grad
-        need_x, need_w = (need[0], *need[6:6 + ctx.nx]), (need[1], *need[6 + ctx.nx:])
-        # recompute the quantized operands, keeping what the quantizers' backward needs
+        need_x, need_w = (need[0], *need[7:7 + ctx.nx]), (need[1], *need[7 + ctx.nx:])
+        # recompute the quantized operands (the weight from the cache where still valid),
+        # keeping what the quantizers' backward needs
         cd = ctx.cdtype
         xq, xstate = _quantize(xspec, x, any(need_x), pad4, pad_value, cd)
-        wq, wstate = _quantize(wspec, w, any(need_w), None, 0.0, cd)
+        wq, wstate = _quantize_weight(wspec, w, any(need_w), cd, ctx.wcache)
         gxq, gwq, gb = torch.ops.aten.convolution_backward(
             _cast(gy, cd), xq, wq, [w.shape[0]] if ctx.has_bias else None,
             list(stride), list(conv_pad), list(dilation), False, [0, 0], groups,
@@ -156,7 +226,7 @@ class _QuantConv2d(torch.autograd.Function):
             gw_all = _chain(wspec, w, gwq, need_w, wstate)
         if gb is not None and ctx.has_bias:
             gb = gb.to(ctx.bias_dtype)
-        return (gx_all[0], gw_all[0], gb, None, None, None, *gx_all[1:], *gw_all[1:])
+        return (gx_all[0], gw_all[0], gb, None, None, None, None, *gx_all[1:], *gw_all[1:])
 
 
 def _pad4(padding: Union[int, Sequence[int]]) -> Tuple[int, int, int, int]:
@@ -210,22 +280,36 @@ def quant_conv2d(
         return F.conv2d(xp, weight, bias, stride, conv_pad, dilation, groups)
     geom = (_pair(stride), pad4, conv_pad, _pair(dilation), int(groups), pad_value)
     params = (xspec[1] if xspec else ()) + (wspec[1] if wspec else ())
-    return _QuantConv2d.apply(x, weight, bias, xspec, wspec, geom, *params)
+    wcache = _weight_cache(weight_quantizer, wspec)
+    if not _needs_graph((x, weight, bias, *params)):
+        return _conv_forward(x, weight, bias, xspec, wspec, geom, wcache, False)
+    return _QuantConv2d.apply(x, weight, bias, xspec, wspec, geom, wcache, *params)
+
+
+def _linear_forward(x, w, bias, xspec, wspec, wcache, want_wstate):
+    """``linear(Q_x(x), Q_w(W), bias)`` without autograd (see :func:`_conv_forward`)."""
+    cdtype = _autocast_dtype(x.device.type)
+    if cdtype is None:
+        xq, _ = _quantize(xspec, x, False)
+        wq, _ = _quantize_weight(wspec, w, want_wstate, None, wcache)
+        return F.linear(xq, wq, bias)
+    with _no_autocast(x.device.type):
+        xq, _ = _quantize(xspec, x, False, out_dtype=cdtype)
+        wq, _ = _quantize_weight(wspec, w, False, cdtype, wcache)
+        return F.linear(xq, wq, _cast(bias, cdtype))
 
 
 class _QuantLinear(torch.autograd.Function):
-    """Inputs ``(x, w, bias, xspec, wspec, *params)``; saves ``x, w, *params``."""
+    """Inputs ``(x, w, bias, xspec, wspec, wcache, *params)``; saves ``x, w, *params``."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, xspec, wspec, *params):
-        cdtype = _autocast_dtype(x.device.type)
-        with _no_autocast(x.device.type):
-            xq, _ = _quantize(xspec, x, False, out_dtype=cdtype)
-            wq, _ = _quantize(wspec, w, False, out_dtype=cdtype)
-            y = F.linear(xq, wq, _cast(bias, cdtype))
+    def forward(ctx, x, w, bias, xspec, wspec, wcache, *params):
+        nx = 0 if xspec is None else len(xspec[1])
+        want_wstate = wcache is not None and any(ctx.needs_input_grad[i] for i in (1, *range(6 + nx, 6 + len(params))))
+        y = _linear_forward(x, w, bias, xspec, wspec, wcache, want_wstate)
         ctx.kernels = (None if xspec is None else xspec[0], None if wspec is None else wspec[0])
-        ctx.nx = 0 if xspec is None else len(xspec[1])
-        ctx.cdtype, ctx.has_bias = cdtype, bias is not None
+        ctx.nx, ctx.wcache = nx, wcache
+        ctx.cdtype, ctx.has_bias = _autocast_dtype(x.device.type), bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, w, *params)
         return y
@@ -235,23 +319,23 @@ class _QuantLinear(torch.autograd.Function):
         x, w, *params = ctx.saved_tensors
         xspec, wspec = _specs(ctx, params)
         need = ctx.needs_input_grad
-        need_x, need_w = (need[0], *need[5:5 + ctx.nx]), (need[1], *need[5 + ctx.nx:])
-        cd = ctx.cdtype
+        need_x, need_w = (need[0], *need[6:6 + ctx.nx]), (need[1], *need[6 + ctx.nx:])
+        cd, wc = ctx.cdtype, ctx.wcache
         g2 = _cast(gy, cd).reshape(-1, gy.shape[-1])
         gx_all: Tuple = (None,) * len(need_x)
         gw_all: Tuple = (None,) * len(need_w)
         xq, xstate = _quantize(xspec, x, any(need_x), out_dtype=cd)
         if any(need_x):
-            wq, _ = _quantize(wspec, w, False, out_dtype=cd)
+            wq, _ = _quantize_weight(wspec, w, False, cd, wc)
             gxq = (g2 @ wq).reshape(x.shape)
             del wq
             gx_all = _chain(xspec, x, gxq, need_x, xstate)
         if any(need_w):
-            wq, wstate = _quantize(wspec, w, True)
+            wq, wstate = _quantize_weight(wspec, w, True, None, wc)
             gwq = g2.t() @ xq.reshape(-1, xq.shape[-1])
             gw_all = _chain(wspec, w, gwq, need_w, wstate)
         gb = g2.sum(0).to(ctx.bias_dtype) if (ctx.has_bias and need[2]) else None
-        return (gx_all[0], gw_all[0], gb, None, None, *gx_all[1:], *gw_all[1:])
+        return (gx_all[0], gw_all[0], gb, None, None, None, *gx_all[1:], *gw_all[1:])
 
 
 def quant_linear(
@@ -274,4 +358,7 @@ def quant_linear(
     if xspec is None and wspec is None:
         return F.linear(x, weight, bias)
     params = (xspec[1] if xspec else ()) + (wspec[1] if wspec else ())
-    return _QuantLinear.apply(x, weight, bias, xspec, wspec, *params)
+    wcache = _weight_cache(weight_quantizer, wspec)
+    if not _needs_graph((x, weight, bias, *params)):
+        return _linear_forward(x, weight, bias, xspec, wspec, wcache, False)
+    return _QuantLinear.apply(x, weight, bias, xspec, wspec, wcache, *params)

@@ -287,7 +287,8 @@ class LearnedIntervalQuantizer(Quantizer):
             else:
                 a = self._mse_alpha(sample)
         if torch.isfinite(a) and a > _ALPHA_MIN:
-            self.alpha.data.fill_(float(a))
+            with torch.no_grad():  # (not .data: the version counter must see the write)
+                self.alpha.fill_(float(a))
 
     def _mse_alpha(self, sample: torch.Tensor) -> torch.Tensor:
         """The ``alpha`` among ``max|sample| * (i/64)``, i = 1..64, minimising MSE."""

@@ -122,10 +122,17 @@ def _wrap(kernel: QuantKernel) -> Optional["TritonKernel"]:
 
 
 # ---- helpers -------------------------------------------------------------------------------
-def _k():
-    from . import triton_kernels
+_KERNELS = None
 
-    return triton_kernels
+
+def _k():
+    """:mod:`.triton_kernels` (imported on first use: it imports Triton)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from . import triton_kernels
+
+        _KERNELS = triton_kernels
+    return _KERNELS
 
 
 def _launch(fn, n_programs: int, *args, **meta) -> None:
@@ -152,9 +159,10 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 
 def _same_order(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and all(
-        sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1
-    )
+    if a.shape != b.shape:
+        return False
+    sa, sb = a.stride(), b.stride()
+    return sa == sb or all(x == y for x, y, n in zip(sa, sb, a.shape) if n > 1)
 
 
 def _like(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +188,9 @@ def _scalar_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def _as_param(gv: Optional[torch.Tensor], p: torch.Tensor) -> Optional[torch.Tensor]:
-    return None if gv is None else gv.reshape(p.shape).to(p.dtype)
+    if gv is None or (gv.shape == p.shape and gv.dtype == p.dtype):
+        return gv
+    return gv.reshape(p.shape).to(p.dtype)
 
 
 def _out(x: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.Tensor:

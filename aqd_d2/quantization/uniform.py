@@ -161,7 +161,8 @@ class LearnedStepSizeQuantizer(Quantizer):
     def initialize(self, x: torch.Tensor) -> None:
         s = 2.0 * x.float().abs().mean() / math.sqrt(self.kernel.qp)
         if torch.isfinite(s) and s > _STEP_MIN:
-            self.step.data.fill_(float(s))
+            with torch.no_grad():  # (not .data: the version counter must see the write)
+                self.step.fill_(float(s))
 
     def extra_repr(self) -> str:
         k = self.kernel
