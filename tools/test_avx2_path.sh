@@ -17,8 +17,9 @@
 #                               code path, so this one is set, not checked
 #   AQD_BINARY_ISA=avx2         aqd_d2's binary kernel: kernel_backend() == "cpp-avx2"
 #   AQD_INT8_ISA=avx2           aqd_d2's int8 kernel: int8_kernel_backend() == ("cpp", avx2)
-# (the fused ROIAlign has no cap: tests/export/test_roi_pooler.py checks each of its variants
-# explicitly.) A CPU without AVX2 cannot run the AVX2 path: that is an error too.
+#   AQD_ROI_ISA=avx2            aqd_d2's fused ROIAlign: roi_align_kernel() == "cpp-avx2"
+# A CPU without AVX2 cannot run the AVX2 path, and a build without the C++ extension has no
+# AVX2 kernels to run: both are errors too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,11 +35,13 @@ export ONEDNN_MAX_CPU_ISA=AVX2
 export MKL_ENABLE_INSTRUCTIONS=AVX2
 export AQD_BINARY_ISA=avx2
 export AQD_INT8_ISA=avx2
+export AQD_ROI_ISA=avx2
 unset AQD_BINARY_KERNEL AQD_INT8_KERNEL ONEDNN_VERBOSE DNNL_VERBOSE
 
 start=$SECONDS
 echo "== AVX2 path: ATEN_CPU_CAPABILITY=$ATEN_CPU_CAPABILITY ONEDNN_MAX_CPU_ISA=$ONEDNN_MAX_CPU_ISA" \
-     "MKL_ENABLE_INSTRUCTIONS=$MKL_ENABLE_INSTRUCTIONS AQD_BINARY_ISA=$AQD_BINARY_ISA AQD_INT8_ISA=$AQD_INT8_ISA"
+     "MKL_ENABLE_INSTRUCTIONS=$MKL_ENABLE_INSTRUCTIONS AQD_BINARY_ISA=$AQD_BINARY_ISA AQD_INT8_ISA=$AQD_INT8_ISA" \
+     "AQD_ROI_ISA=$AQD_ROI_ISA"
 
 "$PYTHON" - <<'EOF'
 import os
@@ -84,6 +87,7 @@ if not impls or any(re.search(r"avx512|amx", i, re.I) for i in impls):
 from aqd_d2.export import binary_conv as bc  # noqa: E402
 from aqd_d2.export._ext_build import extension_error  # noqa: E402
 from aqd_d2.export.int8_gemm import INT8_ISA_NAMES, int8_kernel_backend  # noqa: E402
+from aqd_d2.export.roi_pooler import roi_align_kernel  # noqa: E402
 
 try:
     binary = bc.kernel_backend()
@@ -101,6 +105,13 @@ except Exception as e:  # noqa: BLE001 - reported below
 print(f"  int8 kernel: {int8}")
 if int8 != "cpp-avx2":
     problems.append(f"AQD_INT8_ISA=avx2: the int8 kernel is {int8!r}")
+try:
+    roi = roi_align_kernel()
+except Exception as e:  # noqa: BLE001 - reported below
+    roi = f"error: {e}"
+print(f"  fused ROIAlign: {roi}")
+if roi != "cpp-avx2":
+    problems.append(f"AQD_ROI_ISA=avx2: the fused ROIAlign is {roi!r}")
 print("  MKL_ENABLE_INSTRUCTIONS=AVX2: set (MKL does not report its code path)")
 
 if problems:

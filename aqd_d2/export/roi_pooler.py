@@ -17,7 +17,10 @@ any sampling ratio; ``tests/export/test_roi_pooler.py`` checks ``torch.equal``).
 :class:`FastROIPooler` is a ``ROIPooler`` (same constructor, same level assignment through
 detectron2's own :func:`~detectron2.modeling.poolers.assign_boxes_to_levels`) whose forward
 uses the fused op when it can, and ``ROIPooler.forward`` otherwise: extension unavailable
-(or ``AQD_BINARY_KERNEL=torch``), gradients needed, non-float32 or non-CPU features.
+(or ``AQD_BINARY_KERNEL=torch``), gradients needed, non-float32 or non-CPU features. The
+kernel variant is the best one the CPU runs, or ``$AQD_ROI_ISA`` (``generic`` | ``avx2`` |
+``avx512``; e.g. the AVX2 variant on an AVX-512 CPU, tools/test_avx2_path.sh);
+:func:`roi_align_kernel` says which runs.
 :func:`convert_roi_poolers` swaps every ROIAlign/ROIAlignV2 ``ROIPooler`` of a model for one
 (``convert_for_inference(roi_pooler=True)``); ROIPool and ROIAlignRotated poolers are left
 to detectron2. Inference only: the op has no autograd.
@@ -36,7 +39,8 @@ from detectron2.structures import Boxes
 
 from ._ext_build import OPS_NAMESPACE, load_extension
 
-__all__ = ["ROI_ISA_NAMES", "FastROIPooler", "convert_roi_poolers", "roi_align_isas", "roi_align_multilevel"]
+__all__ = ["ROI_ISA_NAMES", "FastROIPooler", "convert_roi_poolers", "roi_align_isas", "roi_align_kernel",
+           "roi_align_multilevel"]
 
 #: kernel variants of the fused op: name -> the extension's isa id
 ROI_ISA_NAMES = {"generic": 0, "avx2": 2, "avx512": 3}
@@ -52,6 +56,32 @@ def roi_align_isas() -> List[str]:
         return []
     ids = set(getattr(torch.ops, OPS_NAMESPACE).roi_align_isas())
     return [n for n, i in ROI_ISA_NAMES.items() if i in ids]
+
+
+def _env_isa() -> Optional[str]:
+    """``$AQD_ROI_ISA`` (None when unset or empty).
+
+    Raises:
+        ValueError: not a name of :data:`ROI_ISA_NAMES`.
+        RuntimeError: a variant this CPU does not run.
+    """
+    isa = os.environ.get("AQD_ROI_ISA", "") or None
+    if isa is None:
+        return None
+    if isa not in ROI_ISA_NAMES:
+        raise ValueError(f"$AQD_ROI_ISA={isa!r}: allowed values are {', '.join(ROI_ISA_NAMES)}")
+    if isa not in roi_align_isas():
+        raise RuntimeError(f"$AQD_ROI_ISA={isa!r} is not available here ({roi_align_isas()})")
+    return isa
+
+
+def roi_align_kernel() -> str:
+    """What :class:`FastROIPooler` runs now: ``"torch"`` (detectron2's ROIPooler: extension
+    unavailable or ``AQD_BINARY_KERNEL=torch``) or ``"cpp-<variant>"`` (``$AQD_ROI_ISA`` or
+    the best one)."""
+    if not _use_fused():
+        return "torch"
+    return "cpp-" + (_env_isa() or roi_align_isas()[-1])
 
 
 def _use_fused() -> bool:
@@ -88,7 +118,8 @@ def roi_align_multilevel(features: Sequence[torch.Tensor], rois: torch.Tensor, l
         output_size: ``PH`` or ``(PH, PW)``.
         sampling_ratio: samples per bin and axis; 0 = adaptive ``ceil(box size / PH)``.
         aligned: ROIAlignV2 (half-pixel shift) when True, the legacy ROIAlign when False.
-        isa: force a kernel variant (:data:`ROI_ISA_NAMES`); default the best one.
+        isa: force a kernel variant (:data:`ROI_ISA_NAMES`); default ``$AQD_ROI_ISA`` or the
+            best one.
     Returns:
         ``(R, C, PH, PW)`` float32, contiguous. Without the extension: the per-level
         detectron2 ROIAlign (same values).
@@ -106,6 +137,7 @@ def roi_align_multilevel(features: Sequence[torch.Tensor], rois: torch.Tensor, l
         return _reference(features, rois, levels, scales, (oh, ow), sampling_ratio, aligned)
     if isa is not None and isa not in roi_align_isas():
         raise RuntimeError(f"kernel variant {isa!r} is not available here ({roi_align_isas()})")
+    isa = isa or _env_isa()
     return getattr(torch.ops, OPS_NAMESPACE).roi_align_multilevel(
         list(features), rois, levels, [float(s) for s in scales], oh, ow, int(sampling_ratio),
         bool(aligned), ROI_ISA_NAMES[isa] if isa is not None else -1)

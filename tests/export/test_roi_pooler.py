@@ -11,7 +11,13 @@ import aqd_d2
 from aqd_d2.export import roi_pooler as rp
 from aqd_d2.export.deploy import convert_for_inference
 from aqd_d2.export.float_linear import OneDNNLinear, onednn_linear_available
-from aqd_d2.export.roi_pooler import FastROIPooler, convert_roi_poolers, roi_align_isas, roi_align_multilevel
+from aqd_d2.export.roi_pooler import (
+    FastROIPooler,
+    convert_roi_poolers,
+    roi_align_isas,
+    roi_align_kernel,
+    roi_align_multilevel,
+)
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels, convert_boxes_to_pooler_format
@@ -129,6 +135,33 @@ def test_fallback_equals_fused(monkeypatch):
 
 
 ROIPooler_forward = ROIPooler.forward
+
+
+@needs_ext
+def test_variant_from_environment(monkeypatch):
+    """$AQD_ROI_ISA picks the variant (tools/test_avx2_path.sh: avx2 on an AVX-512 CPU); the
+    detectron2 fallback ignores it."""
+    monkeypatch.delenv("AQD_BINARY_KERNEL", raising=False)
+    monkeypatch.delenv("AQD_ROI_ISA", raising=False)
+    assert roi_align_kernel() == f"cpp-{roi_align_isas()[-1]}"
+    g = torch.Generator().manual_seed(5)
+    feats = _features(g, 2, 8, 64, False)
+    box_lists = [Boxes(_boxes(g, 20, 64)), Boxes(_boxes(g, 6, 64))]
+    ref = ROIPooler(7, SCALES, 0, "ROIAlignV2")(feats, box_lists)
+    for isa in roi_align_isas():
+        monkeypatch.setenv("AQD_ROI_ISA", isa)
+        assert roi_align_kernel() == f"cpp-{isa}"
+        assert torch.equal(FastROIPooler(7, SCALES, 0, "ROIAlignV2")(feats, box_lists), ref)
+    monkeypatch.setenv("AQD_ROI_ISA", "avx9")
+    with pytest.raises(ValueError, match="AQD_ROI_ISA"):
+        roi_align_kernel()
+    monkeypatch.setenv("AQD_ROI_ISA", "avx512")
+    monkeypatch.setattr(rp, "roi_align_isas", lambda: ["generic"])  # a CPU without it
+    with pytest.raises(RuntimeError, match="AQD_ROI_ISA='avx512' is not available"):
+        FastROIPooler(7, SCALES, 0, "ROIAlignV2")(feats, box_lists)
+    monkeypatch.setenv("AQD_BINARY_KERNEL", "torch")  # detectron2's path: no variant to pick
+    assert roi_align_kernel() == "torch"
+    assert torch.equal(FastROIPooler(7, SCALES, 0, "ROIAlignV2")(feats, box_lists), ref)
 
 
 def test_bad_arguments():
