@@ -21,6 +21,11 @@ non-finite one skips that GAN step under POLICY "skip". Under DDP the estimator'
 are broadcast from rank 0 when the loop is built and its gradients are averaged over ranks
 before each GAN step, so the replicas stay identical.
 
+The loop marks the detector as trained with its GAN steps; a detector whose config names
+this loop refuses to train under a trainer that did not build it (e.g. detectron2's stock
+``DefaultTrainer``; :mod:`aqd_d2.modeling.training_features`). ``aqd_d2.engine.setup(trainer)``
+installs it in such a trainer.
+
 Checkpointing: :meth:`state_dict` / :meth:`load_state_dict` add the two Adam states to the
 loop's state. detectron2 0.6's DefaultTrainer does not save its loop's state, so
 :class:`LoopStateHook` (added by ``build_aqd_hooks`` for this loop) puts it into the
@@ -37,6 +42,7 @@ from detectron2.utils import comm
 from torch import nn
 
 from aqd_d2.modeling.bidet.estimator import ComplexityEstimator, trainable
+from aqd_d2.modeling.training_features import mark_trainer_setup
 from aqd_d2.utils import unwrap_model
 
 from .train_loop import TRAIN_LOOP_REGISTRY, AQDTrainLoop
@@ -108,6 +114,8 @@ class BiDetGANLoop(AQDTrainLoop):
                             if self.d_params else None)
         self.g_optimizer = (torch.optim.Adam(self.g_params, lr=a.G_LR, betas=betas)
                             if self.g_params else None)
+        # the detector now trains with its GAN steps (aqd_d2.modeling.training_features)
+        mark_trainer_setup(model, "AQD.TRAIN_LOOP", "BiDetGANLoop")
 
     def _gan_step(self, name: str, params: List[nn.Parameter], optimizer, loss_fn,
                   f: torch.Tensor, real: torch.Tensor) -> Dict[str, float]:

@@ -16,8 +16,11 @@ Parameter groups are detectron2's ``get_default_optimizer_params`` (``BASE_LR``,
 ``requires_grad`` are left out), gradient clipping is detectron2's
 ``maybe_add_gradient_clipping`` (``SOLVER.CLIP_GRADIENTS``), and detectron2's LR schedulers
 drive every choice. detectron2's own ``DefaultTrainer`` does not read ``SOLVER.OPTIMIZER``
-(it always builds SGD): use :class:`~aqd_d2.engine.Trainer` (``train_net.py``) or call
-:func:`build_optimizer` from your trainer's ``build_optimizer``.
+(it always builds SGD): use :class:`~aqd_d2.engine.Trainer` (``train_net.py``), call
+:func:`build_optimizer` from your trainer's ``build_optimizer``, or call
+:func:`aqd_d2.engine.setup` on your trainer. :func:`build_optimizer` marks the model with the
+optimizer it built; a detector whose config names Adam / AdamW refuses to train under an
+optimizer nobody marked (:mod:`aqd_d2.modeling.training_features`).
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ from detectron2.solver import build_optimizer as d2_build_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from torch import nn
 
-__all__ = ["OPTIMIZERS", "build_optimizer"]
+from aqd_d2.modeling.training_features import mark_trainer_setup
+
+__all__ = ["OPTIMIZERS", "build_optimizer", "optimizer_matches"]
 
 #: the values of SOLVER.OPTIMIZER
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
@@ -40,8 +45,26 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         model: the detector (DDP-wrapped or not).
     Returns:
         ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` (with detectron2's gradient clipping when
-        ``SOLVER.CLIP_GRADIENTS.ENABLED``).
+        ``SOLVER.CLIP_GRADIENTS.ENABLED``). ``model`` is marked as trained with it.
     """
+    optimizer = _build(cfg, model)
+    mark_trainer_setup(model, "SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER)
+    return optimizer
+
+
+def optimizer_matches(optimizer: torch.optim.Optimizer, name: str) -> bool:
+    """Whether ``optimizer`` is of the kind ``SOLVER.OPTIMIZER = name`` builds (gradient
+    clipping subclasses included)."""
+    if name == "AdamW":
+        return isinstance(optimizer, torch.optim.AdamW)
+    if name == "Adam":
+        return isinstance(optimizer, torch.optim.Adam) and not isinstance(optimizer, torch.optim.AdamW)
+    if name == "SGD":
+        return isinstance(optimizer, torch.optim.SGD)
+    raise ValueError(f"SOLVER.OPTIMIZER = {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+
+
+def _build(cfg, model: nn.Module) -> torch.optim.Optimizer:
     s = cfg.SOLVER
     name = s.OPTIMIZER
     if name == "SGD":

@@ -1,4 +1,5 @@
-"""Filter pruning as training hooks: soft filter pruning (SFP) and PFEC (appendix 001 B.2).
+"""Filter pruning (SFP, PFEC; appendix 001 B.2) as a trainer hook, for models that do not
+carry their own schedule.
 
 BiDet applies its IB / SOP techniques to detectors pruned by two structured methods
 (paper 000 Table 4, appendix 001 Tables 1-2):
@@ -20,72 +21,50 @@ BiDet applies its IB / SOP techniques to detectors pruned by two structured meth
   with ``AQD.PRUNING.CONSUMERS`` removes them physically (hard pruning; same outputs, fewer
   parameters and MACs).
 
-State: the masks (per layer, bool over output filters, True = kept) and the last pruning
-iteration are the hook's ``state_dict`` which detectron2's ``DefaultTrainer`` checkpoints with
-the trainer (``trainer.state_dict()["hooks"]["FilterPruningHook"]``) and restores on
-``resume_or_load(resume=True)``.
+**aqd_d2's detectors carry the schedule themselves**: the registered ``QuantizedDetector``
+builder attaches :class:`aqd_d2.pruning.schedule.FilterPruningSchedule` (masks in model
+buffers, driven by the event storage's iteration), so detectron2's stock ``DefaultTrainer``
+prunes them as well and aqd_d2's ``Trainer`` registers no pruning hook. The hook here applies
+the same :class:`~aqd_d2.pruning.schedule.PruningRule` to any other model trained by a
+detectron2 trainer (``SimpleTrainer`` included): it prunes in ``before_train`` and after each
+step. Its state (masks, last pruning iteration) is the hook's ``state_dict``, which
+detectron2's trainers checkpoint (``trainer.state_dict()["hooks"]["FilterPruningHook"]``).
 """
 from __future__ import annotations
 
 import logging
-import math
 from typing import Dict, Optional, Sequence
 
 import torch
 from detectron2.engine import HookBase
 from torch import nn
 
-from aqd_d2.pruning import (
-    apply_filter_masks,
-    coupled_masks,
-    lowest_norm_mask,
-    num_pruned_filters,
-    select_prunable_layers,
-)
+from aqd_d2.pruning import apply_filter_masks
+from aqd_d2.pruning.schedule import PruningRule, epoch_iters, pruning_rule_from_config
 
 __all__ = ["FilterPruningHook", "build_pruning_hook"]
 
 logger = logging.getLogger(__name__)
 
 
-class FilterPruningHook(HookBase):
-    """SFP or PFEC filter pruning during training (see module docstring).
+class FilterPruningHook(PruningRule, HookBase):
+    """SFP or PFEC filter pruning during training, as a hook (see module docstring).
 
-    Args:
-        method: "sfp" (soft: re-ranked every ``interval`` iterations, pruned filters keep
-            training) or "pfec" (pruned once at ``start_iter``, then masked permanently).
-        rate: pruning rate (see :func:`num_pruned_filters`).
-        layers, exclude: regexes selecting the conv layers (module names).
-        p: filter norm, 1 or 2.
-        interval: SFP iterations between pruning steps (> 0).
-        start_iter: first pruning iteration (completed iterations).
-        prune_norm: also zero the attached norm's affine of pruned channels.
-        rate_means: "pruned" or "kept" (see :func:`num_pruned_filters`).
-        coupled: "regex=>replacement" rules: a pruned layer matching regex also masks the conv
-            ``re.sub(regex, replacement, name)`` with the same mask (see :func:`coupled_masks`).
+    Args: as :class:`~aqd_d2.pruning.schedule.PruningRule`; ``interval`` must be positive
+    for SFP (:func:`build_pruning_hook` resolves ``AQD.PRUNING.INTERVAL 0`` to one epoch).
     """
 
     def __init__(self, method: str, rate: float, layers: Sequence[str], exclude: Sequence[str] = (),
                  p: int = 2, interval: int = 1, start_iter: int = 0, prune_norm: bool = True,
                  rate_means: str = "pruned", coupled: Sequence[str] = ()):
-        if method not in ("sfp", "pfec"):
-            raise ValueError(f"AQD.PRUNING.METHOD = {method!r}: use 'sfp' or 'pfec'")
         if method == "sfp" and interval <= 0:
             raise ValueError(f"SFP pruning interval must be positive, got {interval}")
-        self.method = method
-        self.rate = float(rate)
-        self.rate_means = rate_means
-        self.layers = list(layers)
-        self.exclude = list(exclude)
-        self.p = int(p)
-        self.interval = int(interval)
-        self.start_iter = int(start_iter)
-        self.prune_norm = bool(prune_norm)
-        self.coupled = list(coupled)
+        PruningRule.__init__(self, method, rate, layers, exclude, p=p, interval=interval,
+                             start_iter=start_iter, prune_norm=prune_norm,
+                             rate_means=rate_means, coupled=coupled)
         self.masks: Dict[str, torch.Tensor] = {}
         self.last_prune_iter = -1  # completed iterations at the last pruning step; -1 = never
 
-    # ---- pruning --------------------------------------------------------------------------
     def prune(self, model: nn.Module, iteration: int) -> Dict[str, torch.Tensor]:
         """Rank the selected layers' filters now, zero the lowest-norm ones, record the masks.
 
@@ -95,34 +74,22 @@ class FilterPruningHook(HookBase):
         Returns:
             the new masks (conv name -> (N,) bool, True = kept).
         """
-        masks = {}
-        for name, conv in select_prunable_layers(model, self.layers, self.exclude):
-            n = num_pruned_filters(conv.out_channels, self.rate, self.rate_means)
-            masks[name] = lowest_norm_mask(conv.weight, n, self.p)
-        masks.update(coupled_masks(model, masks, self.coupled))
+        masks = self.compute_masks(model)
         apply_filter_masks(model, masks, self.prune_norm)
         self.masks = masks
         self.last_prune_iter = int(iteration)
-        total = sum(m.numel() for m in masks.values())
-        pruned = sum(int((~m).sum()) for m in masks.values())
-        logger.info("%s pruning at iteration %d: %d of %d filters zeroed in %d layers",
-                    self.method.upper(), iteration, pruned, total, len(masks))
+        self.log(masks, iteration)
         return masks
 
-    def is_pruning_iter(self, completed: int, max_iter: Optional[int] = None) -> bool:
-        """Whether a pruning step happens once ``completed`` iterations are done."""
-        if completed < self.start_iter:
-            return False
-        if self.method == "pfec":
-            return self.last_prune_iter < 0
-        return (completed - self.start_iter) % self.interval == 0 or completed == max_iter
+    def _due(self, completed: int) -> bool:
+        return self.is_pruning_iter(completed, self.trainer.max_iter, self.last_prune_iter)
 
     # ---- HookBase -------------------------------------------------------------------------
     def before_train(self) -> None:
         t = self.trainer
         if self.method == "pfec" and self.masks:  # resumed: the PFEC mask is permanent
             apply_filter_masks(t.model, self.masks, self.prune_norm)
-        elif t.iter > self.last_prune_iter and self.is_pruning_iter(t.iter, t.max_iter):
+        elif self._due(t.iter):
             # a fresh run (SFP and PFEC prune before the first step when START_ITER = 0), or a
             # run resumed where a pruning step is due; resumed SFP filters otherwise keep the
             # values (possibly regrown) of the checkpoint
@@ -131,7 +98,7 @@ class FilterPruningHook(HookBase):
     def after_step(self) -> None:
         t = self.trainer
         completed = t.iter + 1
-        if completed > self.last_prune_iter and self.is_pruning_iter(completed, t.max_iter):
+        if self._due(completed):
             self.prune(t.model, completed)
         elif self.method == "pfec" and self.masks:
             apply_filter_masks(t.model, self.masks, self.prune_norm)  # the permanent mask
@@ -151,21 +118,14 @@ class FilterPruningHook(HookBase):
         self.masks = {k: v.clone().bool() for k, v in state_dict.get("masks", {}).items()}
 
 
-def _epoch_iters(cfg) -> int:
-    from detectron2.data import DatasetCatalog
-
-    n = sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN)
-    return max(1, math.ceil(n / int(cfg.SOLVER.IMS_PER_BATCH)))
-
-
 def build_pruning_hook(cfg) -> Optional[FilterPruningHook]:
-    """The hook for ``cfg.AQD.PRUNING`` (None when ``METHOD == "none"``)."""
-    c = cfg.AQD.PRUNING
-    if c.METHOD == "none":
+    """The hook for ``cfg.AQD.PRUNING`` (None when ``METHOD == "none"``); SFP's
+    ``INTERVAL 0`` is one epoch of ``DATASETS.TRAIN`` at ``SOLVER.IMS_PER_BATCH``."""
+    rule = pruning_rule_from_config(cfg)
+    if rule is None:
         return None
-    norm = c.NORM if c.NORM != "auto" else ("l2" if c.METHOD == "sfp" else "l1")
-    interval = int(c.INTERVAL) or (_epoch_iters(cfg) if c.METHOD == "sfp" else 1)
-    return FilterPruningHook(c.METHOD, c.RATE, c.LAYERS, c.EXCLUDE, p=int(norm[1]),
-                             interval=interval, start_iter=c.START_ITER,
-                             prune_norm=c.PRUNE_NORM, rate_means=c.RATE_MEANS,
-                             coupled=c.COUPLED)
+    interval = rule.interval or epoch_iters(cfg.DATASETS.TRAIN, cfg.SOLVER.IMS_PER_BATCH)
+    return FilterPruningHook(rule.method, rule.rate, rule.layers, rule.exclude, p=rule.p,
+                             interval=interval, start_iter=rule.start_iter,
+                             prune_norm=rule.prune_norm, rate_means=rule.rate_means,
+                             coupled=rule.coupled)

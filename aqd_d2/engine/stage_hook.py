@@ -1,14 +1,14 @@
-"""Stage-wise binarization (paper 004, sec. III-B) as a training hook, and the list of aqd_d2
+"""Stage-wise binarization (paper 004, sec. III-B) as a trainer hook, and the list of aqd_d2
 hooks the :class:`~aqd_d2.engine.trainer.Trainer` adds to detectron2's defaults.
 
-The model is converted once with every layer of every stage (e.g. the M2 scope of
-``configs/Base-YOLOv2.yaml``); the hook then switches the quantizers of the stage groups
-``AQD.STAGE_BINARIZATION.GROUPS`` (name regexes, paper order M0, M1, M2 = reverse depth) on
-at ``AQD.STAGE_BINARIZATION.ITERS``: group i is quantized from iteration ``ITERS[i]`` on and
-float (quantizers disabled) before. The state is the quantizers' ``enabled`` buffers, which
-checkpoints keep; on (re)start ``before_train`` re-applies the state implied by the
-iteration the run starts from, so a resumed run continues in the right stage even from a
-checkpoint written by another schedule. Groups should be disjoint (a later group wins).
+aqd_d2's detectors carry the stage schedule themselves
+(:class:`aqd_d2.modeling.stage_schedule.StageSchedule`, attached by the registered
+``QuantizedDetector`` builder and applied at each training forward with the event storage's
+iteration), so any detectron2 trainer binarizes them stage by stage and the Trainer adds no
+stage hook. :class:`StageBinarizationHook` applies the same rule from a trainer for converted
+models that do not carry it (e.g. built by :func:`aqd_d2.convert.quantize_model` directly):
+group i's quantizers are enabled iff the iteration is ``>= ITERS[i]``, set in ``before_train``
+(so a resumed run continues in its stage) and at each group's first iteration.
 """
 from __future__ import annotations
 
@@ -17,13 +17,11 @@ from typing import List, Sequence
 
 from detectron2.engine import HookBase
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from aqd_d2.convert import set_quantization_enabled
+from aqd_d2.utils import unwrap_model
 
-from .gan_loop import build_loop_state_hooks  # noqa: E402
-
-from .pruning import build_pruning_hook  # SFP / PFEC filter pruning (AQD.PRUNING)
+from .gan_loop import build_loop_state_hooks
 
 __all__ = ["StageBinarizationHook", "build_aqd_hooks", "apply_stage_state"]
 
@@ -39,8 +37,7 @@ def apply_stage_state(model: nn.Module, groups: Sequence[str], iters: Sequence[i
     Raises:
         ValueError: a group matches no quantized layer.
     """
-    if isinstance(model, DistributedDataParallel):
-        model = model.module
+    model = unwrap_model(model)
     return [set_quantization_enabled(model, iteration >= start, name_regex=regex)
             for regex, start in zip(groups, iters)]
 
@@ -71,11 +68,10 @@ class StageBinarizationHook(HookBase):
 
 
 def build_aqd_hooks(cfg, trainer) -> List[HookBase]:
-    """aqd_d2's training hooks for ``cfg`` (inserted before detectron2's default hooks)."""
-    hooks: List[HookBase] = []
-    s = cfg.AQD.STAGE_BINARIZATION
-    if len(s.GROUPS):
-        hooks.append(StageBinarizationHook(s.GROUPS, s.ITERS))
-    hooks += build_loop_state_hooks(cfg)  # the GAN loop's optimizers (aqd_d2.engine.gan_loop)
-    hooks += [h for h in [build_pruning_hook(cfg)] if h is not None]
-    return hooks
+    """aqd_d2's training hooks for ``cfg`` (inserted before detectron2's default hooks).
+
+    Stage-wise binarization and filter pruning are not among them: the detector carries
+    those schedules (:mod:`aqd_d2.modeling.training_features`). What remains is the state of
+    a training loop that has its own optimizers (the GAN loop's, :mod:`aqd_d2.engine.gan_loop`).
+    """
+    return build_loop_state_hooks(cfg)

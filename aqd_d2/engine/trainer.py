@@ -1,16 +1,20 @@
 """aqd_d2's Trainer: detectron2's DefaultTrainer with evaluators chosen from the dataset.
 
-Everything a model needs is built through detectron2's registries, so the stock
-``DefaultTrainer`` trains every aqd_d2 detector too; this subclass adds what DefaultTrainer
+Everything a model needs is built through detectron2's registries, and aqd_d2's detectors
+carry their training schedules (stage-wise binarization, filter pruning) themselves, so the
+stock ``DefaultTrainer`` trains every aqd_d2 detector too, or refuses one whose config needs
+a trainer feature it lacks (:mod:`aqd_d2.modeling.training_features`; a project's own
+trainer gets those with :func:`aqd_d2.engine.setup`). This subclass adds what DefaultTrainer
 leaves abstract (``build_evaluator``), the optimizer choice ``SOLVER.OPTIMIZER`` (SGD / Adam /
 AdamW; DefaultTrainer always builds SGD), the training loop / mapper registries, exact resume,
 and works without detectron2's compiled ops (plain pycocotools COCOeval when
-``detectron2._C`` is absent).
+``detectron2._C`` is absent). ``AQD.EVALUATOR "none"`` trains without evaluating.
 """
 from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -49,12 +53,17 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
 
     ``cfg.AQD.EVALUATOR == "auto"`` picks it from the dataset's metadata ``evaluator_type``
     ("coco" -> COCOEvaluator, "pascal_voc" -> PascalVOCDetectionEvaluator, the latter
-    reporting VOC07 11-point AP50 and area AP); "coco" / "pascal_voc" force one.
+    reporting VOC07 11-point AP50 and area AP); "coco" / "pascal_voc" force one. ``"none"``
+    means no evaluation (:meth:`Trainer.test` then evaluates nothing): there is no evaluator
+    to build.
 
     Raises:
-        ValueError: naming the dataset when no evaluator fits it.
+        ValueError: ``AQD.EVALUATOR`` is "none", or no evaluator fits the dataset (naming it).
     """
     kind = cfg.AQD.EVALUATOR
+    if kind == "none":
+        raise ValueError(f"AQD.EVALUATOR is 'none' (evaluation off): no evaluator for "
+                         f"{dataset_name!r}; Trainer.test evaluates nothing under this setting")
     if kind == "auto":
         kind = getattr(MetadataCatalog.get(dataset_name), "evaluator_type", None)
     if output_folder is None:
@@ -105,8 +114,9 @@ class Trainer(DefaultTrainer):
             t = self._trainer
             self._trainer = build_train_loop(self.cfg, t.model, t.data_loader, t.optimizer,
                                              data_iter=t._data_loader_iter)
-        # aqd_d2's hooks (stage-wise binarization, ...) run before detectron2's defaults;
-        # the per-iteration reseeding (exact resume) first of all.
+        # aqd_d2's hooks (the GAN loop's state) run before detectron2's defaults; the
+        # per-iteration reseeding (exact resume) first of all. Stage-wise binarization and
+        # pruning need no hook: the model carries them (aqd_d2.modeling.training_features).
         first = []
         if self.cfg.AQD.EXACT_RESUME:
             seed = self.cfg.SEED if self.cfg.SEED >= 0 else comm.shared_random_seed()
@@ -160,7 +170,14 @@ class Trainer(DefaultTrainer):
         statistics are rank-local: each rank would evaluate its shard of the test set with a
         different model, and the gathered result would match no checkpoint (rank 0 saves its
         own). Training is unaffected (train-mode BN normalises by batch statistics).
+
+        Under ``AQD.EVALUATOR "none"`` without explicit ``evaluators`` nothing is run and the
+        result is empty (training then ends normally, without evaluation).
         """
+        if evaluators is None and cfg.AQD.EVALUATOR == "none":
+            if len(cfg.DATASETS.TEST):
+                logger.info("AQD.EVALUATOR is 'none': not evaluating %s", list(cfg.DATASETS.TEST))
+            return OrderedDict()
         _broadcast_buffers_from_rank0(model)
         return super().test(cfg, model, evaluators)
 

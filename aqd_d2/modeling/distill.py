@@ -174,7 +174,8 @@ class KnowledgeTransferLoss:
 
 def build_teacher_config(cfg: CfgNode) -> CfgNode:
     """The teacher's config: ``MODEL.KT.TEACHER_CONFIG`` merged into a fresh aqd_d2 config, or
-    this cfg with quantization off and the student's meta-architecture."""
+    this cfg with quantization off and the student's meta-architecture; in both, without
+    training schedules (``AQD.STAGE_BINARIZATION``, ``AQD.PRUNING``)."""
     kt = cfg.MODEL.KT
     if kt.TEACHER_CONFIG:
         from detectron2.config import get_cfg
@@ -192,6 +193,11 @@ def build_teacher_config(cfg: CfgNode) -> CfgNode:
     if tcfg.MODEL.META_ARCHITECTURE == "KnowledgeTransfer":
         raise ConfigError("the teacher config must not itself use MODEL.META_ARCHITECTURE "
                           "'KnowledgeTransfer'")
+    # The teacher is frozen: no training schedule (stage-wise binarization, pruning) of the
+    # student's config applies to it.
+    tcfg.AQD.STAGE_BINARIZATION.GROUPS = []
+    tcfg.AQD.STAGE_BINARIZATION.ITERS = []
+    tcfg.AQD.PRUNING.METHOD = "none"
     return tcfg
 
 

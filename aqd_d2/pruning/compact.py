@@ -31,22 +31,38 @@ from aqd_d2.convert import replace_module_references
 
 from aqd_d2.utils import unwrap_model
 
-__all__ = ["remove_pruned_channels", "masks_from_checkpoint"]
+from .schedule import PRUNING_ATTR, FilterPruningSchedule
+
+__all__ = ["remove_pruned_channels", "masks_from_checkpoint", "masks_from_state_dict"]
+
+_COUNTERS = ("last_prune_iter", "last_train_iter")
 
 _NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
+def masks_from_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The masks of a detector's pruning schedule in its ``state_dict`` (buffers
+    ``filter_pruning.<conv/name>``): conv name -> (N,) bool, True = kept. Empty if none."""
+    prefix = PRUNING_ATTR + "."
+    return {k[len(prefix):].replace("/", "."): v.bool() for k, v in state.items()
+            if k.startswith(prefix) and k[len(prefix):] not in _COUNTERS}
+
+
 def masks_from_checkpoint(path: str) -> Dict[str, torch.Tensor]:
-    """The pruning masks a detectron2 checkpoint holds (``trainer.hooks.FilterPruningHook``).
+    """The pruning masks a detectron2 checkpoint holds: the detector's ``filter_pruning``
+    buffers, or (checkpoints of a trainer with the hook) ``trainer.hooks.FilterPruningHook``.
 
     Raises:
         KeyError: naming the file when it holds no pruning state.
     """
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    masks = masks_from_state_dict(ckpt.get("model", {})) if isinstance(ckpt, dict) else {}
+    if masks:
+        return masks
     try:
         return {k: v.bool() for k, v in ckpt["trainer"]["hooks"]["FilterPruningHook"]["masks"].items()}
     except (KeyError, TypeError):
-        raise KeyError(f"checkpoint {path!r} holds no FilterPruningHook masks (was it written by a "
+        raise KeyError(f"checkpoint {path!r} holds no pruning masks (was it written by a "
                        "run with AQD.PRUNING.METHOD set?)") from None
 
 
@@ -111,8 +127,9 @@ def remove_pruned_channels(model: nn.Module, masks: Dict[str, torch.Tensor],
 
     Args:
         model: the trained (masked) model; DDP-wrapped or not.
-        masks: conv name -> (N,) bool, True = kept (the hook's ``masks``, or
-            :func:`masks_from_checkpoint`).
+        masks: conv name -> (N,) bool, True = kept (``model.filter_pruning.masks()``, the
+            hook's ``masks``, or :func:`masks_from_checkpoint`). The model's own pruning
+            schedule, if any, keeps masks of the remaining filters.
         consumers: "regex=>replacement" rules (see module docstring).
     Returns:
         ``(conv name, channels before, channels after)`` for every conv whose output
@@ -146,4 +163,9 @@ def remove_pruned_channels(model: nn.Module, masks: Dict[str, torch.Tensor],
         if name in out_keep:
             report.append((name, conv.out_channels, new.out_channels))
     replace_module_references(model, mapping)
+    schedule = getattr(model, PRUNING_ATTR, None)
+    if isinstance(schedule, FilterPruningSchedule):  # the model's masks follow its convs
+        for name, keep in out_keep.items():
+            if name in schedule.conv_names:
+                schedule.shrink_mask(name, keep)
     return report

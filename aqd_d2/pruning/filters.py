@@ -140,24 +140,29 @@ def apply_filter_masks(model: nn.Module, masks: Dict[str, torch.Tensor],
 
     Zeroes the filter's weights and bias; with ``prune_norm`` also the scale and shift of the
     conv's attached norm (detectron2 ``Conv2d.norm``), so the channel outputs exactly 0.
+    Elementwise (``masked_fill_``): no device->host synchronisation, so it can run every
+    training step on a GPU.
 
     Args:
         model: the detector (DDP-wrapped or not).
         masks: conv name -> (N,) bool mask, True = kept.
         prune_norm: also zero the norm layer's weight and bias of pruned channels.
+    Raises:
+        KeyError: a mask names no module of the model.
     """
-    modules = dict(unwrap_model(model).named_modules())
+    model = unwrap_model(model)
     for name, keep in masks.items():
-        conv = modules.get(name)
-        if conv is None:
-            raise KeyError(f"pruning mask for {name!r}, which is not a module of the model")
-        drop = (~keep).to(conv.weight.device)
-        conv.weight[drop] = 0
+        try:
+            conv = model.get_submodule(name)
+        except AttributeError:
+            raise KeyError(f"pruning mask for {name!r}, which is not a module of the model") from None
+        drop = ~keep.to(device=conv.weight.device, dtype=torch.bool)
+        conv.weight.masked_fill_(drop.view(-1, *([1] * (conv.weight.dim() - 1))), 0)
         if conv.bias is not None:
-            conv.bias[drop] = 0
+            conv.bias.masked_fill_(drop, 0)
         norm = getattr(conv, "norm", None)
         if prune_norm and norm is not None:
             for attr in ("weight", "bias"):
                 t = getattr(norm, attr, None)
                 if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == drop.numel():
-                    t[drop] = 0
+                    t.masked_fill_(drop, 0)

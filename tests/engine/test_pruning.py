@@ -1,6 +1,8 @@
-"""SFP / PFEC filter pruning hooks (aqd_d2.engine.pruning): norms and counts against hand
-values, pruning at the right iterations with detectron2's own SimpleTrainer, SFP regrowth,
-the permanent PFEC mask, and the state through checkpoint / resume."""
+"""SFP / PFEC filter pruning: norms and counts against hand values; the trainer hook
+(aqd_d2.engine.pruning) pruning at the right iterations with detectron2's own SimpleTrainer,
+SFP regrowth, the permanent PFEC mask, the state through checkpoint / resume; and the schedule
+the detector carries (aqd_d2.pruning.schedule), which gives the hook's weights bit for bit
+under any trainer and checkpoints its masks in the model."""
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import HookBase, SimpleTrainer
@@ -10,7 +12,10 @@ from torch import nn
 import aqd_d2
 from aqd_d2.config import ConfigError
 from aqd_d2.engine.pruning import FilterPruningHook, build_pruning_hook
+from aqd_d2.modeling.training_features import TrainingFeatures
 from aqd_d2.pruning import apply_filter_masks, filter_norms, lowest_norm_mask, num_pruned_filters
+from aqd_d2.pruning.compact import masks_from_checkpoint
+from aqd_d2.pruning.schedule import FilterPruningSchedule, PruningRule, mask_buffer_name
 from aqd_d2.engine.stage_hook import build_aqd_hooks
 
 import pytest
@@ -197,8 +202,9 @@ def _cfg(*opts):
 def test_config_builds_the_hook():
     cfg = _cfg("AQD.PRUNING.METHOD", "sfp", "AQD.PRUNING.RATE", "0.7", "AQD.PRUNING.INTERVAL", "5")
     aqd_d2.config.validate_aqd_config(cfg)
-    hooks = build_aqd_hooks(cfg, None)
-    assert len(hooks) == 1 and hooks[0].p == 2 and hooks[0].interval == 5 and hooks[0].rate == 0.7
+    hook = build_pruning_hook(cfg)
+    assert hook.p == 2 and hook.interval == 5 and hook.rate == 0.7 and hook.method == "sfp"
+    assert build_aqd_hooks(cfg, None) == []  # aqd_d2's Trainer: the detector carries pruning
     pfec = build_pruning_hook(_cfg("AQD.PRUNING.METHOD", "pfec"))
     assert pfec.p == 1 and pfec.method == "pfec"
     assert build_pruning_hook(_cfg()) is None
@@ -245,8 +251,102 @@ def test_layers_matching_nothing_fail_clearly():
         hook.prune(_Net(), 0)
 
 
+# ---- the schedule the detector carries -------------------------------------------------------
+def _attach(net, rule, max_iter):
+    """What the QuantizedDetector builder does for a config with AQD.PRUNING."""
+    net.filter_pruning = FilterPruningSchedule(rule, net, max_iter=max_iter)
+    features = TrainingFeatures({})
+    net.register_forward_pre_hook(features)
+    net.register_state_dict_pre_hook(features.before_state_dict)
+    return net
+
+
+class _Checkpoints(HookBase):
+    """The model's state_dict after each step, as detectron2's PeriodicCheckpointer takes it."""
+
+    def __init__(self):
+        self.states = {}
+
+    def after_step(self):
+        self.states[self.trainer.iter + 1] = {
+            k: v.clone() for k, v in self.trainer.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method,interval", [("sfp", 3), ("pfec", 1)])
+def test_model_schedule_equals_the_hook_bit_for_bit(method, interval):
+    """Driven by the event storage inside a plain SimpleTrainer (no pruning hook), the model's
+    schedule gives what the hook gives: the same weights for every step's forward and in every
+    checkpoint (state_dict after each step, final SFP step included), the same masks."""
+    kw = dict(method=method, rate=0.3, layers=[r"^backbone\."], p=2 if method == "sfp" else 1,
+              interval=interval)
+    hook, ref_ckpt = FilterPruningHook(**kw), _Checkpoints()
+    torch.manual_seed(0)
+    ref_net = _Net()
+    trainer = SimpleTrainer(ref_net, _loader(), torch.optim.SGD(ref_net.parameters(), lr=0.05, momentum=0.9))
+    trainer.register_hooks([hook, ref_ckpt])
+    trainer.train(0, 7)
+
+    torch.manual_seed(0)
+    net = _attach(_Net(), PruningRule(**kw), max_iter=7)
+    seen, ckpt = {}, _Checkpoints()
+    net.register_forward_pre_hook(  # the weights each step computes with
+        lambda m, a: seen.__setitem__(len(seen), [w.weight.detach().clone() for w in m.backbone]))
+    trainer = SimpleTrainer(net, _loader(), torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
+    trainer.register_hooks([ckpt])
+    trainer.train(0, 7)
+    assert len(seen) == 7
+    for k in range(1, 8):
+        a, b = ref_ckpt.states[k], ckpt.states[k]
+        for name in a:
+            assert torch.equal(a[name], b[name]), (k, name)
+        if k < 7:  # the next step's forward sees what the checkpoint holds
+            assert all(torch.equal(w, b[f"backbone.{i}.weight"]) for i, w in enumerate(seen[k]))
+    sched = net.filter_pruning
+    assert sched.last_prune == hook.last_prune_iter == (7 if method == "sfp" else 0)
+    assert set(sched.masks()) == set(hook.masks)
+    assert all(torch.equal(sched.masks()[n], m) for n, m in hook.masks.items())
+    final = ckpt.states[7]
+    assert int(final["filter_pruning.last_prune_iter"]) == hook.last_prune_iter
+    assert all(torch.equal(final["filter_pruning." + mask_buffer_name(n)], m)
+               for n, m in hook.masks.items())
+
+
+def test_model_schedule_catches_up_in_eval_and_travels_in_state_dict():
+    """An eval forward applies the step due after the last training step; load_state_dict
+    restores the schedule's state."""
+    from detectron2.utils.events import EventStorage
+
+    torch.manual_seed(0)
+    rule = PruningRule("sfp", 0.3, [r"^backbone\."], p=2, interval=2)
+    net = _attach(_Net(), rule, max_iter=None)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    batch = next(_loader())
+    with torch.no_grad():
+        net.eval()(batch)  # never trained: nothing to catch up with
+    assert net.filter_pruning.last_prune == -1
+    net.train()
+    with EventStorage(0) as storage:
+        for it in range(2):
+            storage.iter = it
+            loss = net(batch)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert net.filter_pruning.last_prune == 0
+    assert not any(_zero_rows(net.backbone[0].weight))  # regrown after the two steps
+    net.eval()
+    with torch.no_grad():
+        net(batch)  # 2 completed iterations: the SFP step due at 2 comes first
+    assert net.filter_pruning.last_prune == 2 and sum(_zero_rows(net.backbone[0].weight)) == 3
+    other = _attach(_Net(), rule, None)
+    other.load_state_dict(net.state_dict())
+    assert other.filter_pruning.last_prune == 2
+    assert all(torch.equal(other.filter_pruning.masks()[n], m)
+               for n, m in net.filter_pruning.masks().items())
+
+
 # ---- through aqd_d2's Trainer (detectron2 DefaultTrainer) -------------------------------------
-def test_trainer_checkpoints_pfec_masks_and_resume_restores_them(tmp_path):
+def test_trainer_checkpoints_pfec_masks_in_the_model_and_resume_restores_them(tmp_path):
     from aqd_d2.engine import Trainer
     from tests.conftest import tiny_train_opts
     from tests.test_configs import load_test_config
@@ -256,26 +356,84 @@ def test_trainer_checkpoints_pfec_masks_and_resume_restores_them(tmp_path):
                                 tiny_train_opts(tmp_path, max_iter) + ["DATASETS.TEST", "()"])
 
     trainer = Trainer(cfg(2))
-    hook = [h for h in trainer._hooks if isinstance(h, FilterPruningHook)]
-    assert len(hook) == 1 and hook[0].method == "pfec" and hook[0].p == 1
+    assert not any(isinstance(h, FilterPruningHook) for h in trainer._hooks)
+    sched = trainer.model.filter_pruning
+    assert sched.rule.method == "pfec" and sched.rule.p == 1
     trainer.resume_or_load(resume=False)
     trainer.train()
-    masks = hook[0].masks
+    masks = {k: v.clone() for k, v in sched.masks().items()}
     assert len(masks) == 8 and all(int((~m).sum()) == int(m.numel() * 0.3) for m in masks.values())
     ckpt = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
-    saved = ckpt["trainer"]["hooks"]["FilterPruningHook"]
-    assert saved["last_prune_iter"] == 0
-    assert all(torch.equal(saved["masks"][k], masks[k]) for k in masks)
+    assert int(ckpt["model"]["filter_pruning.last_prune_iter"]) == 0
+    saved = masks_from_checkpoint(str(tmp_path / "model_final.pth"))
+    assert saved.keys() == masks.keys() and all(torch.equal(saved[k], masks[k]) for k in masks)
     for name, keep in masks.items():  # the saved weights carry the permanent mask
         assert _zero_rows(ckpt["model"][name + ".weight"]) == (~keep).tolist()
         assert torch.all(ckpt["model"][name + ".norm.weight"][~keep] == 0)
+        assert torch.all(ckpt["model"][name + ".norm.bias"][~keep] == 0)
 
     trainer2 = Trainer(cfg(4))
     trainer2.resume_or_load(resume=True)
-    hook2 = [h for h in trainer2._hooks if isinstance(h, FilterPruningHook)][0]
-    assert trainer2.start_iter == 2 and hook2.last_prune_iter == 0
-    assert all(torch.equal(hook2.masks[k], masks[k]) for k in masks)
+    sched2 = trainer2.model.filter_pruning
+    assert trainer2.start_iter == 2 and sched2.last_prune == 0
+    assert all(torch.equal(sched2.masks()[k], masks[k]) for k in masks)
     trainer2.train()
+    assert sched2.last_prune == 0  # PFEC prunes once: not again after the resume
     state = trainer2.model.state_dict()
     for name, keep in masks.items():
         assert _zero_rows(state[name + ".weight"]) == (~keep).tolist()
+
+
+def test_stock_default_trainer_prunes_sfp_once_per_epoch_of_the_dataset(tmp_path):
+    """AQD.PRUNING.INTERVAL 0 = one epoch: read from DATASETS.TRAIN at the first batch of a
+    stock DefaultTrainer (16 images / 4 per batch = 4 iterations): steps at 0, 4 and 5 (final)."""
+    from detectron2.engine import DefaultTrainer
+
+    from tests.conftest import tiny_train_opts
+    from tests.test_configs import load_test_config
+
+    cfg = load_test_config("configs/LightHead/ShuffleNetV2-x0.5-LightHead-shapes-voc-cpu-SFP.yaml",
+                           tiny_train_opts(tmp_path, 5) + [
+                               "DATASETS.TRAIN", "('aqd_shapes_voc_tiny_train',)",
+                               "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "4",
+                               "SOLVER.CHECKPOINT_PERIOD", "100", "AQD.PRUNING.INTERVAL", "0"])
+    trainer = DefaultTrainer(cfg)
+    sched = trainer.model.filter_pruning
+    seen = []
+    trainer.model.register_forward_pre_hook(lambda m, a: seen.append(sched.last_prune) if m.training else None)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert sched.interval() == 4 and seen == [0, 0, 0, 0, 4]
+    state = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    assert int(state["filter_pruning.last_prune_iter"]) == 5  # the final step, in the checkpoint
+    for name, keep in sched.masks().items():
+        assert _zero_rows(state[name + ".weight"]) == (~keep).tolist(), name
+
+
+@pytest.mark.parametrize("rel_path", ["configs/Pruned/R18-FPN-shapes-voc-cpu-PFEC.yaml",
+                                      "configs/Pruned/R18-FPN-shapes-voc-cpu-SFP.yaml"])
+def test_schedule_reads_no_tensor_value_between_pruning_steps(rel_path, monkeypatch):
+    """Between pruning steps (PFEC: re-zeroing the permanent mask every step) the schedule
+    reads no tensor value: on a GPU each read would stall the launch queue."""
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from tests.test_configs import load_test_config, tiny_batch
+
+    cfg = load_test_config(rel_path, ["AQD.PRUNING.INTERVAL", "0" if "PFEC" in rel_path else "10"],
+                           narrow=True)
+    model = build_model(cfg).train()
+    hook, batch = model.training_features, (tiny_batch(),)
+    for it in (0, 1):  # the pruning step at 0 ranks filters (reads), then one plain step
+        with EventStorage(it):
+            hook(model, batch)
+    for name in ("__bool__", "__int__", "__float__", "item", "tolist", "__index__"):
+        def boom(*a, _n=name, **k):
+            raise AssertionError(f"tensor read ({_n}) while applying the pruning schedule")
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    for it in (2, 3):
+        with EventStorage(it):
+            hook(model, batch)
+        hook.before_state_dict(model, "", False)  # a checkpoint between steps
+    monkeypatch.undo()
+    assert model.filter_pruning.last_prune == 0

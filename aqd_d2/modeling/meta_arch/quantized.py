@@ -7,7 +7,15 @@
 
 It is a plain builder function, not a wrapper module: it returns the float detector object
 itself (converted in place), so the model's class, its ``forward`` and its state_dict keys are
-those of the float detector (plus ``*_quantizer.*`` entries) and float checkpoints load.
+those of the float detector (plus ``*_quantizer.*`` entries, and ``filter_pruning.*`` when the
+config prunes) and float checkpoints load.
+
+It also attaches what the config asks of training
+(:func:`aqd_d2.modeling.training_features.attach_training_features`): the stage-wise
+binarization and filter pruning schedules, applied by the model itself at each training
+forward, and a clear refusal to train under a trainer that lacks a feature only a trainer can
+give (optimizer, training loop, data mapper). So the yaml alone decides what trains, with
+detectron2's stock ``DefaultTrainer`` as with aqd_d2's ``Trainer``.
 """
 from __future__ import annotations
 
@@ -19,6 +27,8 @@ from torch import nn
 
 from aqd_d2.config import ConfigError, validate_aqd_config
 from aqd_d2.convert import QuantPolicy, quantize_model
+
+from ..training_features import attach_training_features
 
 __all__ = ["QuantizedDetector"]
 
@@ -35,8 +45,11 @@ def QuantizedDetector(cfg: CfgNode) -> nn.Module:  # noqa: N802 (registry name)
         the float meta-architecture instance, converted in place when MODEL.QUANT.ENABLED.
         Its ``quant_report`` attribute holds the :class:`~aqd_d2.convert.ConversionReport`
         (None when not enabled); it is a plain attribute set here, never in ``forward``.
+        ``training_features`` (and ``filter_pruning`` when pruning) hold the training
+        schedules and trainer requirements of ``cfg``.
     Raises:
-        ConfigError: invalid MODEL.QUANT values or a policy that does not fit the model.
+        ConfigError: invalid MODEL.QUANT values, a policy that does not fit the model, or a
+            stage-binarization group / pruning rule that matches nothing in it.
     """
     validate_aqd_config(cfg)
     name = cfg.MODEL.QUANT.META_ARCHITECTURE
@@ -58,4 +71,4 @@ def QuantizedDetector(cfg: CfgNode) -> nn.Module:  # noqa: N802 (registry name)
     else:
         logger.info("MODEL.QUANT.ENABLED is False: %s stays full precision", name)
     model.quant_report = report
-    return model
+    return attach_training_features(model, cfg)
