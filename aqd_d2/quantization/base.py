@@ -291,12 +291,21 @@ class Quantizer(nn.Module):
     def kernel_for(self, x: torch.Tensor) -> Optional[QuantKernel]:
         """The kernel that quantizes ``x``: the Triton one where ``fused_kernels`` and the
         device allow it (see :mod:`.triton_ops`), else the eager ``self.kernel``."""
-        mode = self.fused_kernels
-        if self.kernel is None or mode == "off" or (x.device.type != "cuda" and mode != "force"):
-            return self.kernel
+        mode, kernel = self.fused_kernels, self.kernel
+        if kernel is None or mode == "off":
+            return kernel
+        cuda = x.device.type == "cuda"
+        if not cuda and mode != "force":
+            return kernel
+        choice = self.__dict__.get("_cuda_kernel")
+        if cuda and choice is not None and choice[0] is kernel and choice[1] == mode and x.numel():
+            return choice[2]  # (on CUDA the choice depends on nothing else)
         from .triton_ops import fused_kernel  # imports Triton: only when it may be used
 
-        return fused_kernel(self.kernel, x, mode) or self.kernel
+        chosen = fused_kernel(kernel, x, mode) or kernel
+        if cuda and x.numel():
+            self._cuda_kernel = (kernel, mode, chosen)
+        return chosen
 
     @property
     def is_binary(self) -> bool:
