@@ -29,6 +29,7 @@ from detectron2.evaluation import (
 )
 
 from .. import compat
+from ..pruning.schedule import PRUNING_ATTR
 from ..utils import unwrap_model
 from ..data.mappers import build_aqd_test_loader, build_aqd_train_loader
 from .checkpoint import AQDCheckpointer
@@ -82,14 +83,24 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
 
 
 def _broadcast_buffers_from_rank0(model) -> None:
-    """Copy rank 0's floating-point/integer buffers to every rank (no-op in one process)."""
+    """Copy rank 0's floating-point/integer buffers to every rank (no-op in one process).
+
+    The pruning schedule's state is not copied: every rank instead applies the pruning step
+    due after the last training step itself (rank 0 may have applied it already, when it saved
+    a checkpoint), so each rank's counters keep describing its own weights (which the step
+    makes equal to rank 0's)."""
     if comm.get_world_size() == 1:
         return
     import torch.distributed as dist
 
     module = unwrap_model(model)
+    pruning = getattr(module, PRUNING_ATTR, None)
+    skip = set()
+    if pruning is not None:
+        pruning.catch_up(module)
+        skip = {id(b) for b in pruning.buffers()}
     for buf in module.buffers():
-        if buf.dtype != torch.bool:
+        if buf.dtype != torch.bool and id(buf) not in skip:
             dist.broadcast(buf.data, src=0)
 
 

@@ -202,8 +202,11 @@ class FilterPruningSchedule(nn.Module):
         self.register_buffer("last_prune_iter", torch.tensor(-1, dtype=torch.int64))
         self.register_buffer("last_train_iter", torch.tensor(-1, dtype=torch.int64))
         # Host copies of the two counters (a CUDA scalar read is a device->host sync):
-        # name -> (tensor, its _version, value), valid while neither changed; and the epoch
-        # length (a constant of the config and dataset) once resolved. Caches, not state.
+        # name -> (tensor, its _version, value), valid while neither changed (in-place writes,
+        # load_state_dict and .to() are seen; a write through ``.data`` is not, so these
+        # buffers are never written that way, e.g. not broadcast by aqd_d2's Trainer.test);
+        # and the epoch length (a constant of the config and dataset) once resolved. Caches,
+        # not state.
         self._host: Dict[str, Tuple[torch.Tensor, int, int]] = {}
         self._epoch: List[int] = []
         self._warned: List[bool] = []  # the one-time "no epoch known" warning was given

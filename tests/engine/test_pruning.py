@@ -437,3 +437,39 @@ def test_schedule_reads_no_tensor_value_between_pruning_steps(rel_path, monkeypa
         hook.before_state_dict(model, "", False)  # a checkpoint between steps
     monkeypatch.undo()
     assert model.filter_pruning.last_prune == 0
+
+
+def test_every_rank_catches_up_before_rank0_buffers_are_broadcast(monkeypatch):
+    """aqd_d2's Trainer.test gives every rank rank 0's buffers (BN statistics). Rank 0 may have
+    applied a due SFP step when it saved a checkpoint, the other ranks not yet: each rank
+    catches up itself (the schedule's counters are not broadcast): all weights then agree."""
+    import copy
+
+    import torch.distributed as dist
+    from detectron2.utils import comm
+    from detectron2.utils.events import EventStorage
+
+    from aqd_d2.engine.trainer import _broadcast_buffers_from_rank0
+
+    torch.manual_seed(0)
+    rank0 = _attach(_Net(), PruningRule("sfp", 0.3, [r"^backbone\."], p=2, interval=2), None)
+    rank1 = copy.deepcopy(rank0)
+    batch = next(_loader())
+    for net in (rank0, rank1):  # the same two DDP steps on both ranks
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        with EventStorage(0) as storage:
+            for it in range(2):
+                storage.iter = it
+                opt.zero_grad()
+                net(batch)["loss"].backward()
+                opt.step()
+    rank0.state_dict()  # rank 0 writes a checkpoint: the SFP step due at 2 is applied
+    assert rank0.filter_pruning.last_prune == 2 and rank1.filter_pruning.last_prune == 0
+    sent = []
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "broadcast", lambda t, src=0, **k: sent.append(t))
+    _broadcast_buffers_from_rank0(rank1)  # on rank 1
+    assert not sent  # _Net's only buffers are the schedule's
+    assert rank1.filter_pruning.last_prune == 2
+    for a, b in zip(rank0.parameters(), rank1.parameters()):
+        assert torch.equal(a, b)

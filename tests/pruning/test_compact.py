@@ -96,3 +96,47 @@ def test_masks_from_checkpoint(tmp_path):
     torch.save({"model": {}}, tmp_path / "n.pth")
     with pytest.raises(KeyError, match="n.pth"):
         masks_from_checkpoint(str(tmp_path / "n.pth"))
+
+
+def test_masks_from_a_checkpoint_of_a_detector_carrying_its_schedule(tmp_path):
+    keep = torch.tensor([True, False, True])
+    torch.save({"model": {"filter_pruning.backbone/res2/0/conv1": keep,
+                          "filter_pruning.last_prune_iter": torch.tensor(4),
+                          "filter_pruning.last_train_iter": torch.tensor(9),
+                          "backbone.res2.0.conv1.weight": torch.zeros(3, 1, 1, 1)}},
+               tmp_path / "m.pth")
+    masks = masks_from_checkpoint(str(tmp_path / "m.pth"))
+    assert list(masks) == ["backbone.res2.0.conv1"] and torch.equal(masks["backbone.res2.0.conv1"], keep)
+
+
+def test_compacting_a_trained_detector_keeps_its_schedule_consistent():
+    """After training steps driven by the model's own schedule, the compact model (masks from
+    ``model.filter_pruning``) runs, and its schedule's masks follow the smaller convs."""
+    from detectron2.utils.events import EventStorage
+
+    from tests.test_configs import tiny_batch
+
+    torch.manual_seed(0)
+    cfg = load_test_config("configs/Pruned/R18-FPN-shapes-voc-cpu-PFEC.yaml", narrow=True)
+    model = build_model(cfg).train()
+    with EventStorage(0), torch.no_grad():
+        model(tiny_batch())  # the PFEC step at iteration 0
+    sched = model.filter_pruning
+    masks = {n: m.clone() for n, m in sched.masks().items()}
+    assert sched.last_prune == 0 and any(not bool(m.all()) for m in masks.values())
+    model.eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model.backbone(x)["p2"]
+    report = remove_pruned_channels(model, masks, cfg.AQD.PRUNING.CONSUMERS)
+    mods = dict(model.named_modules())
+    for name, before, after in report:
+        assert mods[name].out_channels == after < before
+        assert sched.masks()[name].shape == (after,) and bool(sched.masks()[name].all())
+    with torch.no_grad():
+        assert torch.allclose(model.backbone(x)["p2"], ref, atol=1e-5)
+        out = model([{"image": x[0] * 255, "height": 64, "width": 64}])  # schedule catches up
+    assert "instances" in out[0]
+    state = model.state_dict()
+    assert all(state["filter_pruning." + n.replace(".", "/")].numel() == mods[n].out_channels
+               for n in sched.conv_names)
