@@ -21,9 +21,14 @@ Paths (``--path``):
   and the number of launches per call (each costs a Triton launch on a GPU). Outputs are
   garbage on this path; only the time and the launch count mean something.
 
+With ``--device cuda`` the layers run on the GPU for real (``fused``: Triton kernels,
+``eager``: ``fused_kernels="off"``), timed by wall clock with a synchronisation after each
+batch of calls: on tensors this small that is the host cost per call, Triton's launcher
+included.
+
 Usage::
 
-    python tools/bench_quant_host.py [--path eager fused] [--calls 300] [--repeats 7]
+    python tools/bench_quant_host.py [--device cpu|cuda] [--path eager fused] [--calls 300]
 """
 from __future__ import annotations
 
@@ -37,12 +42,14 @@ from typing import Callable, Dict, List, Tuple
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--path", nargs="*", default=["eager", "fused"], choices=["eager", "fused"])
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--configs", nargs="*", default=None, help="subset of configuration names")
     args = ap.parse_args(argv)
-    if "fused" in args.path:
+    cuda = args.device == "cuda"
+    if "fused" in args.path and not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
     import torch
@@ -55,7 +62,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     launches = [0]
-    if "fused" in args.path:
+    if "fused" in args.path and not cuda:
         from aqd_d2.quantization import triton_ops
 
         def _no_launch(*a, **k):
@@ -87,8 +94,9 @@ def main(argv=None) -> int:
                                         input_quantizer=q("liq", 4, "activation")), (4, 16)),
     }
     names = args.configs or list(configs)
-    print(f"torch {torch.__version__}, 1 thread, {args.repeats} x {args.calls} calls, "
-          f"process CPU time per call (median)", flush=True)
+    clock = "wall time (CUDA synchronised per batch)" if cuda else "process CPU time"
+    print(f"torch {torch.__version__}, device {args.device}, 1 thread, {args.repeats} x "
+          f"{args.calls} calls, {clock} per call (median)", flush=True)
     print(f"{'path':<7}{'layer':<14}{'train us':>10}{'x float':>9}{'eval us':>10}{'x float':>9}"
           f"{'launches t/e':>14}")
     for path in args.path:
@@ -99,8 +107,9 @@ def main(argv=None) -> int:
             layer = make()
             for m in layer.modules():
                 if hasattr(m, "set_fused_kernels"):
-                    m.set_fused_kernels("force" if path == "fused" else "off")
-            x = torch.randn(*shape, requires_grad=True)
+                    m.set_fused_kernels(("auto" if cuda else "force") if path == "fused" else "off")
+            layer.to(args.device)
+            x = torch.randn(*shape, device=args.device, requires_grad=True)
 
             def train_call():
                 layer(x).sum().backward()
@@ -110,30 +119,37 @@ def main(argv=None) -> int:
 
             layer.train()
             train_call()  # data initialisation
-            t_us, t_l = _time(train_call, args, launches)
+            t_us, t_l = _time(train_call, args, launches, cuda)
             layer.eval()
             with torch.no_grad():
-                e_us, e_l = _time(eval_call, args, launches)
+                e_us, e_l = _time(eval_call, args, launches, cuda)
             results[name] = (t_us, e_us, t_l, e_l)
         for name in names:
             t_us, e_us, t_l, e_l = results[name]
             ref = "float-linear" if "linear" in name else "float-conv"
             rt, re_ = results.get(ref, (t_us, e_us, 0, 0))[:2]
             print(f"{path:<7}{name:<14}{t_us:>10.1f}{t_us / rt:>9.2f}{e_us:>10.1f}{e_us / re_:>9.2f}"
-                  f"{(f'{t_l:.0f}/{e_l:.0f}' if path == 'fused' else '-'):>14}", flush=True)
+                  f"{(f'{t_l:.0f}/{e_l:.0f}' if path == 'fused' and not cuda else '-'):>14}",
+                  flush=True)
     return 0
 
 
-def _time(fn, args, launches) -> Tuple[float, float]:
+def _time(fn, args, launches, cuda: bool = False) -> Tuple[float, float]:
+    import torch
+
+    clock = time.perf_counter if cuda else time.process_time
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(20):
         fn()
     samples: List[float] = []
     n0 = launches[0]
     for _ in range(args.repeats):
-        t0 = time.process_time()
+        sync()
+        t0 = clock()
         for _ in range(args.calls):
             fn()
-        samples.append((time.process_time() - t0) / args.calls * 1e6)
+        sync()
+        samples.append((clock() - t0) / args.calls * 1e6)
     per_call = (launches[0] - n0) / (args.repeats * args.calls)
     return statistics.median(samples), per_call
 

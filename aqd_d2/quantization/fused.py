@@ -224,7 +224,7 @@ class _QuantConv2d(torch.autograd.Function):
         gw_all: Tuple = (None,) * len(need_w)
         if gwq is not None:
             gw_all = _chain(wspec, w, gwq, need_w, wstate)
-        if gb is not None and ctx.has_bias:
+        if gb is not None and ctx.has_bias and gb.dtype != ctx.bias_dtype:
             gb = gb.to(ctx.bias_dtype)
         return (gx_all[0], gw_all[0], gb, None, None, None, None, *gx_all[1:], *gw_all[1:])
 
@@ -334,7 +334,9 @@ class _QuantLinear(torch.autograd.Function):
             wq, wstate = _quantize_weight(wspec, w, True, None, wc)
             gwq = g2.t() @ xq.reshape(-1, xq.shape[-1])
             gw_all = _chain(wspec, w, gwq, need_w, wstate)
-        gb = g2.sum(0).to(ctx.bias_dtype) if (ctx.has_bias and need[2]) else None
+        gb = g2.sum(0) if (ctx.has_bias and need[2]) else None
+        if gb is not None and gb.dtype != ctx.bias_dtype:
+            gb = gb.to(ctx.bias_dtype)
         return (gx_all[0], gw_all[0], gb, None, None, None, *gx_all[1:], *gw_all[1:])
 
 

@@ -36,6 +36,13 @@ SPECS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _deterministic_convs(monkeypatch):
+    """cuDNN may pick non-deterministic algorithms: the comparisons are bit for bit."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+
+
 def _learned(layer):
     """The quantizers' learned parameters (alpha / step) of ``layer``."""
     return [p for q in (layer.weight_quantizer, layer.input_quantizer) if q is not None
