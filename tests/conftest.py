@@ -51,6 +51,22 @@ def single_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _thread_count_unchanged(request):
+    """A test module that changes torch's intra-op thread count must restore it: a leaked
+    count changes float reduction order (and results) of every later module, so tests then
+    pass or fail by their order (issue 14)."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    leaked = torch.get_num_threads()
+    if leaked != n:
+        torch.set_num_threads(n)
+        pytest.fail(f"{request.module.__name__} left torch.set_num_threads({leaked}) "
+                    f"(was {n}): restore it (the single_thread fixture does)", pytrace=False)
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
