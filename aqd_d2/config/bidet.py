@@ -13,6 +13,7 @@ from detectron2.config import CfgNode as CN
 from .checks import ConfigError, check_choice, check_range  # noqa: F401
 
 FEATURE_PRIORS = ("binomial", "categorical", "gaussian")
+FEATURE_REDUCTIONS = ("sum", "mean")
 SOP_MODES = ("none", "sop", "csop", "csop_no_nc")
 RPN_PRIORS = ("rpn", "standard")
 TRANSFORMS = ("linear", "exponential", "sine")
@@ -40,8 +41,16 @@ def add_config(cfg: CN) -> None:
     # Backbone outputs that carry the information bottleneck (sampled in training, binarized
     # / rounded in eval); [] = every backbone output (all FPN levels).
     _C.MODEL.BIDET.IB_FEATURES = []
-    # Weight of the I(X;F) term (1 in eq. 7). Averaged over feature elements and images.
+    # Weight of the I(X;F) term (1 in eq. 7), multiplying the reduction of FEATURE_REDUCTION
+    # (per image; then averaged over the images of the batch).
     _C.MODEL.BIDET.FEATURE_WEIGHT = 1.0
+    # How I(X;F) is reduced over the elements of the IB feature maps of an image: "sum" (paper
+    # 000 eq. 7: sum over t, s of log p(f_st|x)/p(f_st)) or "mean" (averaged over the elements;
+    # the earlier aqd_d2 form, which weights the feature term 1/E of eq. 7 for E elements).
+    # The detection terms are averaged over the Z sampled RoIs (R-CNN) / positives (SSD) of an
+    # image, so eq. 7's balance is FEATURE_REDUCTION "sum" with FEATURE_WEIGHT 1/Z and
+    # GAMMA gamma/Z (aqd_d2.modeling.bidet.objective.eq7_weights; the paper configs ship it).
+    _C.MODEL.BIDET.FEATURE_REDUCTION = "mean"
     # Sparse object priors: "sop" (eq. 6/7 J2), "csop" (class-aware, eq. 11 with 1/n_c),
     # "csop_no_nc" (eq. 11 without 1/n_c; Table 1 ablation), "none" (no J2).
     _C.MODEL.BIDET.SOP = "sop"
@@ -110,6 +119,7 @@ def validate(cfg: CN) -> None:
     check_choice(cfg, b + "FEATURE_PRIOR", FEATURE_PRIORS)
     check_range(cfg, b + "FEATURE_BITS", 1, 8)
     check_range(cfg, b + "FEATURE_WEIGHT", 0.0)
+    check_choice(cfg, b + "FEATURE_REDUCTION", FEATURE_REDUCTIONS)
     check_choice(cfg, b + "SOP", SOP_MODES)
     check_choice(cfg, b + "SOP_DETACH_NORM", (True, False))
     check_choice(cfg, b + "IB_AS_L2", (True, False))
