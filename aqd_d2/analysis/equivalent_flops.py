@@ -1,49 +1,36 @@
 """MACs, binarization ratio, equivalent FLOP (paper 003 eq. 1) and model size (paper 004
-Tables I-II) of any model, float or converted.
+Tables I-II) of any model, float or converted: a report over aqd_d2's one counting core,
+:func:`aqd_d2.analysis.model_stats.analyze_model`, so ``tools/equivalent_flops.py`` and
+``tools/analyze_model.py`` give the same numbers for the same model and input.
 
 * ``M``: multiply-accumulates of every conv (incl. transposed and depthwise) and linear layer
-  for one forward pass, counted per layer by forward hooks: ``out elements x (C_in / groups)
-  x k_h x k_w`` for a conv (``in elements x (C_out / groups) x k_h x k_w`` for a transposed
-  conv), ``out elements x in_features`` for a linear layer. This equals fvcore's
-  ``FlopCountAnalysis`` (which counts one "flop" per MAC for these ops; a test checks it) but
-  also works on converted layers whose forward runs custom autograd kernels that fvcore's
-  tracer cannot see, and attributes every MAC to a named layer.
-* binary MACs: MACs of quantized layers whose weight AND input quantizers are both enabled and
-  1-bit (XNOR-popcount operations). Binary-weight-only layers (BWN) are not binary MACs.
+  for one forward pass (``out elements x (C_in / groups) x k_h x k_w`` for a conv, ``in
+  elements x (C_out / groups) x k_h x k_w`` for a transposed conv, ``out elements x
+  in_features`` for a linear layer: fvcore's count). Norms are not MACs (they are float
+  FLOPs of their own in the analysis).
+* binary MACs: MACs of quantized layers whose weight AND input are both 1-bit (XNOR-popcount
+  operations). Binary-weight-only layers (BWN) are not binary MACs.
 * ``r_b = binary MACs / M`` and equivalent FLOP ``M r_b / 64 + M (1 - r_b)`` (eq. 1: one
   64-bit operation computes 64 binary MACs).
-* model size: float parameters at 32 bits, quantized weights at their bit width (plus one
-  float scale per output channel for 1-bit weights), buffers not counted. In MB = 2**20 bytes.
+* model size: the storage rule of :mod:`aqd_d2.analysis.storage` (quantized weights at their
+  bits plus the scale they store; everything else float32). In MB = 2**20 bytes.
+
+Detectron2 detectors are counted through their traced dense part (backbone, heads, the ROI
+head on ``MODEL.RPN.POST_NMS_TOPK_TEST`` boxes), as in the analysis.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-import torch
 from torch import nn
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from aqd_d2.layers import QuantLayerMixin
 
+from .storage import MB, parameter_storage_bytes
+
 __all__ = ["ComplexityReport", "count_macs", "equivalent_flops", "model_equivalent_flops",
-           "model_size_bytes", "model_size_mb", "is_binary_layer"]
-
-
-def _layer_macs(m: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
-    if isinstance(m, _ConvTransposeNd):
-        k = 1
-        for s in m.kernel_size:
-            k *= s
-        return inp.numel() * (m.out_channels // m.groups) * k
-    if isinstance(m, _ConvNd):
-        k = 1
-        for s in m.kernel_size:
-            k *= s
-        return out.numel() * (m.in_channels // m.groups) * k
-    if isinstance(m, nn.Linear):
-        return out.numel() * m.in_features
-    return 0
+           "model_size_bytes", "model_size_mb", "is_binary_layer", "report_from_stats"]
 
 
 def is_binary_layer(m: nn.Module) -> bool:
@@ -62,6 +49,7 @@ class ComplexityReport:
 
     layer_macs: Dict[str, int] = field(default_factory=dict)
     binary_layers: set = field(default_factory=set)
+    size_bytes: float = 0.0
 
     @property
     def macs(self) -> int:
@@ -82,44 +70,37 @@ class ComplexityReport:
         """Eq. 1: ``M r_b / 64 + M (1 - r_b)``."""
         return equivalent_flops(self.macs, self.binarization_ratio)
 
+    @property
+    def size_mb(self) -> float:
+        return self.size_bytes / MB
+
     def summary(self) -> Dict[str, float]:
         return {"MACs": self.macs, "binary_MACs": self.binary_macs,
                 "r_b": self.binarization_ratio, "equivalent_FLOP": self.equivalent_flops}
 
 
-@torch.no_grad()
-def count_macs(model: nn.Module, inputs: Any) -> ComplexityReport:
-    """Run ``model(inputs)`` once (in eval mode, restored afterwards) and count MACs per layer.
+def report_from_stats(stats) -> ComplexityReport:
+    """The eq. 1 view of a :class:`~aqd_d2.analysis.model_stats.ModelStats`."""
+    layers = [r for r in stats.layers if r.type != "(other)" and not r.is_norm]
+    return ComplexityReport(layer_macs={r.name: r.macs for r in layers},
+                            binary_layers={r.name for r in layers if r.is_binary},
+                            size_bytes=stats.storage_bytes)
+
+
+def count_macs(model: nn.Module, inputs: Any, num_proposals: Optional[int] = None) -> ComplexityReport:
+    """Count the MACs of one forward pass per layer (in eval mode, restored afterwards).
 
     Args:
-        model: any module; detectron2 meta-architectures take ``inputs`` = list of dicts.
-        inputs: the forward argument (a tensor, or a list of detectron2 input dicts).
+        model: any module, or a detectron2 detector (its dense part is traced).
+        inputs: an input tensor, an input shape, or a list of detectron2 input dicts.
+        num_proposals: ROI-head boxes per image for R-CNN models (default: the test-time
+            top-k of the RPN).
     Returns:
         a :class:`ComplexityReport` (layers called several times are summed).
     """
-    report = ComplexityReport()
-    handles = []
+    from .model_stats import analyze_model
 
-    def hook(name):
-        def fn(m, args, out):
-            if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-                report.layer_macs[name] = report.layer_macs.get(name, 0) + _layer_macs(m, args[0], out)
-        return fn
-
-    for name, m in model.named_modules():
-        if isinstance(m, (_ConvNd, nn.Linear)):
-            handles.append(m.register_forward_hook(hook(name)))
-            if is_binary_layer(m):
-                report.binary_layers.add(name)
-    was_training = model.training
-    model.eval()
-    try:
-        model(inputs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return report
+    return report_from_stats(analyze_model(model, inputs, num_proposals=num_proposals))
 
 
 def equivalent_flops(macs: float, binarization_ratio: float) -> float:
@@ -130,32 +111,26 @@ def equivalent_flops(macs: float, binarization_ratio: float) -> float:
 
 def model_equivalent_flops(model: nn.Module, inputs: Any) -> Dict[str, float]:
     """``{"MACs", "binary_MACs", "r_b", "equivalent_FLOP"}`` of one forward pass of any
-    model (detectron2 meta-architectures included: the whole forward runs, hooks count)."""
+    model (detectron2 meta-architectures included)."""
     return count_macs(model, inputs).summary()
 
 
-def model_size_bytes(model: nn.Module, binary_scale_bits: int = 32) -> float:
-    """Storage of the parameters: float 32 bits; weights of quantized layers with an enabled
-    k-bit weight quantizer at k bits, 1-bit weights plus one ``binary_scale_bits`` scale per
-    output channel. Frozen parameters (e.g. a fixed blur kernel) count as float."""
-    bits = 0
-    counted = set()
-    for _, m in model.named_modules():
-        if isinstance(m, QuantLayerMixin):
-            q = dict(m.quantizers()).get("weight")
-            if q is not None and q.is_enabled and q.bits < 32:
-                w = m.weight
-                bits += w.numel() * q.bits
-                if q.bits == 1:
-                    bits += w.shape[0] * binary_scale_bits
-                counted.add(id(w))
-    for p in model.parameters():
-        if id(p) not in counted:
-            bits += p.numel() * 32
-    return bits / 8
+def model_size_bytes(model: nn.Module, inputs: Any = None) -> float:
+    """Storage of the parameters by aqd_d2's storage rule (:mod:`aqd_d2.analysis.storage`).
+
+    Args:
+        model: any module.
+        inputs: when given, the model is traced (as :func:`count_macs`) and parameters of
+            modules the inference does not call (training-only branches) are left out, as in
+            the analysis; without, every parameter counts.
+    """
+    if inputs is not None:
+        from .model_stats import analyze_model
+
+        return float(analyze_model(model, inputs).storage_bytes)
+    return parameter_storage_bytes(model)
 
 
-def model_size_mb(model: nn.Module) -> float:
+def model_size_mb(model: nn.Module, inputs: Any = None) -> float:
     """:func:`model_size_bytes` in MB (2**20 bytes)."""
-    return model_size_bytes(model) / 2 ** 20
-
+    return model_size_bytes(model, inputs) / MB

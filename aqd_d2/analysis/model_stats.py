@@ -1,52 +1,52 @@
 """Complexity of a (quantized) model: parameters, storage at real bit widths, MACs, FLOPs,
 binary operations (BOPs), equivalent FLOPs and the binarization ratio, per layer and in total.
 
-Counting rules (the conventions of the binary-detection papers):
+This is aqd_d2's one counting core: ``tools/analyze_model.py`` prints it,
+:mod:`aqd_d2.analysis.equivalent_flops` (paper 003's eq. 1 report, ``tools/equivalent_flops.py``)
+is a view of the same rows, so the two can never disagree. Rules (the conventions of the
+binary-detection papers):
 
-* **MACs** of every conv / linear layer come from fvcore's ``FlopCountAnalysis`` (which counts
-  one multiply-add as one "flop"). The quantized layers run as custom autograd functions
-  (``aqd_d2.quantization.fused``: ``prim::PythonOp._QuantConv2d`` / ``_QuantLinear`` in the
-  traced graph) and the deployed binary conv as ``aqd_binary::conv2d``; handles registered
-  here count them like fvcore's own conv/linear handles (``MACs = numel(out) * C_in/groups *
-  kh * kw``, resp. ``numel(out) * in_features``). The fake-quantization nodes themselves and
-  XNOR's activation-scale arithmetic are not counted (deployment folds them into the kernel).
-* **FLOPs** are MACs (paper convention: BiDet and Bi-Real count ResNet-18 at 1.8 GFLOPs, which
-  is its MAC count) of every layer that is *not* quantized on both sides, plus whatever else
-  fvcore counts (batch norm, upsampling, ...). A binary-weight layer with float activations
-  (BWN) still needs float additions: it counts as FLOPs.
+* **MACs** of every conv / linear layer come from fvcore's ``FlopCountAnalysis`` (one
+  multiply-add = one "flop"), only the layer's own conv / linear op: a norm inside
+  detectron2's ``Conv2d(norm=...)`` is **not** part of the conv's MACs (fvcore's
+  ``by_module`` adds children into their parent; here the norm is subtracted and gets its
+  own row). Quantized layers run as custom autograd functions (``prim::PythonOp._QuantConv2d``
+  / ``_QuantLinear``) and the deployed binary conv as ``aqd_binary::conv2d``; the handles of
+  :mod:`aqd_d2.analysis.tracing` count them like fvcore's conv / linear. Fake-quantization
+  nodes and XNOR's activation-scale arithmetic are not counted (deployment folds them).
+* **Norms** (BN, SyncBN, FrozenBN, GN, LN) are rows of their own and always float: an
+  inference BN is one multiply-add per output element (``y = x a + b`` after folding), GN /
+  LN as fvcore counts them. Their FLOPs are float FLOPs even behind a binary conv.
+* **FLOPs** are MACs (paper convention: BiDet and Bi-Real count ResNet-18 at 1.8 GFLOPs, its
+  MAC count) of every layer that is *not* quantized on both sides, plus the norms, plus
+  whatever else fvcore counts (upsampling, pooling, ...: the ``(other)`` row). A binary-weight
+  layer with float activations (BWN, TWN 2/32) still needs float additions: it counts as FLOPs.
 * **BOPs** of a layer with both weight and input quantized (``w_bits``, ``a_bits`` < 32):
   ``MACs * w_bits * a_bits`` (binary: ``MACs``).
 * **Equivalent FLOPs**: BiDet's ``FLOPs + BOPs / 64`` (``equivalent_flops``), and paper 003's
   eq. 1 ``M r_b / 64 + M (1 - r_b)`` with ``M`` all conv/linear MACs and ``r_b`` the share of
   binary MACs (``equivalent_flops_eq1``; k-bit layers count as non-binary there, and only
-  conv/linear MACs enter M). Both agree on a model whose quantized layers are all binary
-  and has no other counted ops.
+  conv/linear MACs enter M).
 * **Binarization ratio** ``r_b``: binary (1-bit weight and 1-bit input) MACs over all
   conv/linear MACs (paper 003, sec. 4.1); ``binary_param_ratio`` is the same over weights.
-* **Storage**: every parameter at its real bit width: the weight of a layer with an enabled
-  k-bit weight quantizer takes ``numel * k / 8`` bytes, every other parameter (biases, norms,
-  float layers, quantizer parameters) its dtype's size. Buffers (BN running statistics) are
-  not parameters and are not counted; :func:`aqd_d2.export.packed_size_report` gives the
-  size of a whole packed checkpoint. MB = 2**20 bytes.
+* **Storage**: :mod:`aqd_d2.analysis.storage` (quantized weights at their bits plus the scale
+  they store: Xnor / BWN / Bi-Real per channel, TWN per tensor, BNN / DoReFa none; everything
+  else float32; buffers not counted). MB = 2**20 bytes.
+* **Inference only**: parameters of modules the traced inference never calls (BiDet's
+  log-variance branches, dropped at inference by paper 000 sec. 3.1.3; AutoBiDet's complexity
+  estimator; a knowledge-transfer teacher) are not counted; ``excluded_params`` and a note
+  name them.
 * Deployed models (:func:`aqd_d2.export.deploy.convert_for_inference`) count like the
   fake-quantized model: the binary kernel op and the int8 GEMM (``aten::_int_mm``) have
-  handles, packed/int8 weight buffers count as the parameters they replace, and a layer whose
-  weight quantizer was disabled after its weight was decoded from codes (``load_packed``, the
-  deploy fallback) counts at that quantizer's bits when every output channel of the weight
-  has at most ``2**bits`` distinct values.
+  handles, packed/int8 weight buffers count as the parameters they replace.
 
-Detectron2 meta-architectures cannot be traced as a whole (their inputs are lists of dicts and
-their outputs ``Instances``); :func:`analyze_model` traces their dense part instead: the
-model's ``dense_forward(x)`` where it has one (aqd_d2's CenterNet, YOLOv2), else backbone,
-then the dense head (RetinaNet/FCOS ``head``), the RPN head, and the ROI box head on
-``num_proposals`` boxes per image (default ``MODEL.RPN.POST_NMS_TOPK_TEST``, as at test
-time). Post-processing (anchor decoding, NMS) is not counted. Any other ``nn.Module`` is
-called on the input tensor directly.
+Detectron2 meta-architectures are traced through their dense part
+(:class:`aqd_d2.analysis.tracing.DenseDetector`: backbone, heads, RPN head, the ROI box head on
+``num_proposals`` boxes per image); post-processing is not counted.
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -55,126 +55,18 @@ from fvcore.nn import FlopCountAnalysis
 from tabulate import tabulate
 from torch import nn
 
+from .storage import (FLOAT_BITS, MB, is_compute_layer, is_norm_layer, layer_bits,
+                      layer_storage, top_level)
+from .tracing import HANDLES, IGNORED, DenseDetector, input_tensor, is_detectron2_detector, zero_handle
+
 __all__ = ["LayerStats", "ModelStats", "analyze_model", "layer_bits", "FLOAT_BITS"]
-
-FLOAT_BITS = 32
-MB = float(2 ** 20)
-
-
-# ==== per-layer precision ======================================================================
-def _active_bits(q: Optional[nn.Module]) -> int:
-    if q is None or not bool(getattr(q, "enabled", True)):
-        return FLOAT_BITS
-    return int(getattr(q, "bits", FLOAT_BITS))
-
-
-def layer_bits(module: nn.Module) -> Tuple[int, int]:
-    """``(weight bits, input bits)`` of a layer: its enabled quantizers' bits, 1/1 for a
-    deployed binary conv (``weight_words`` buffer), the ``w_bits``/``a_bits`` attributes of
-    deployed k-bit modules, else 32/32 (float)."""
-    if hasattr(module, "w_bits") and hasattr(module, "a_bits"):
-        return int(module.w_bits), int(module.a_bits)
-    if isinstance(getattr(module, "weight_words", None), torch.Tensor):
-        return 1, 1
-    if hasattr(module, "weight_quantizer") or hasattr(module, "input_quantizer"):
-        wq = getattr(module, "weight_quantizer", None)
-        wb = _active_bits(wq)
-        if wb >= FLOAT_BITS and wq is not None and _on_grid(getattr(module, "weight", None), int(wq.bits)):
-            wb = int(wq.bits)  # weight already quantized and frozen (load_packed, deploy)
-        return wb, _active_bits(getattr(module, "input_quantizer", None))
-    return FLOAT_BITS, FLOAT_BITS
-
-
-def _on_grid(weight: Optional[torch.Tensor], bits: int) -> bool:
-    """True when every output channel of ``weight`` takes at most ``2**bits`` distinct values
-    (a weight decoded from ``bits``-bit codes, whose quantizer was then disabled)."""
-    if not isinstance(weight, torch.Tensor) or weight.dim() < 2 or bits > 8:
-        return False
-    rows = weight.detach().reshape(weight.shape[0], -1).sort(dim=1).values
-    distinct = (rows.diff(dim=1) != 0).sum(dim=1) + 1
-    return bool((distinct <= 2 ** bits).all())
-
-
-def _is_compute_layer(m: nn.Module) -> bool:
-    return (isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) or isinstance(getattr(m, "weight_words", None), torch.Tensor)
-            or hasattr(m, "w_bits"))
-
-
-# ==== fvcore handles ===========================================================================
-def _shape(v) -> Optional[List[int]]:
-    t = v.type()
-    try:
-        return t.sizes()
-    except Exception:  # noqa: BLE001 - not a complete tensor type
-        return None
-
-
-def _conv_macs(inputs, outputs) -> int:
-    """MACs of ``conv(x, w)``: numel(out) * C_in/groups * kh * kw = numel(out) * prod(w[1:])."""
-    out, w = _shape(outputs[0]), _shape(inputs[1])
-    if out is None or w is None:
-        return 0
-    return math.prod(out) * math.prod(w[1:])
-
-
-def _linear_macs(inputs, outputs) -> int:
-    out, x = _shape(outputs[0]), _shape(inputs[0])
-    if out is None or x is None:
-        return 0
-    return math.prod(out) * x[-1]
-
-
-def _binary_kernel_macs(inputs, outputs) -> int:
-    """``aqd_binary::conv2d(x, words, alpha, bias, O, C, [kh, kw], ...)``: MACs from the input's
-    channels and the kernel size list (node input 6)."""
-    out, x = _shape(outputs[0]), _shape(inputs[0])
-    if out is None or x is None:
-        return 0
-    ks = inputs[6].toIValue() if inputs[6].node().kind() == "prim::Constant" else None
-    if ks is None and inputs[6].node().kind() == "prim::ListConstruct":
-        ks = [i.toIValue() for i in inputs[6].node().inputs()]
-    kh, kw = (ks or [1, 1])[:2]
-    return math.prod(out) * x[1] * int(kh) * int(kw)
-
-
-def _int_mm_macs(inputs, outputs) -> int:
-    """``aten::_int_mm(A [m, k], B [k, n])``: ``m * k * n`` (the deployed int8 layers,
-    :class:`aqd_d2.export.deploy.Int8ConvInference`; an extra all-ones weight column of theirs
-    is subtracted per layer in :func:`analyze_model`)."""
-    a, b = _shape(inputs[0]), _shape(inputs[1])
-    if a is None or b is None:
-        return 0
-    return a[0] * a[1] * b[1]
-
-
-def _zero(inputs, outputs) -> int:
-    return 0
-
-
-#: traced op name -> handle. fvcore names custom autograd functions
-#: ``prim::PythonOp.<class name>``.
-_HANDLES = {
-    "prim::PythonOp._QuantConv2d": _conv_macs,
-    "prim::PythonOp._QuantLinear": _linear_macs,
-    "aqd_binary::conv2d": _binary_kernel_macs,
-    "aten::_int_mm": _int_mm_macs,
-    "quantized::conv2d": _conv_macs,
-    "quantized::conv2d_relu": _conv_macs,
-}
-#: ops that are deliberately not counted (fake quantization, elementwise glue)
-_IGNORED = (
-    "prim::PythonOp.", "aten::abs", "aten::mean", "aten::add", "aten::add_", "aten::mul",
-    "aten::mul_", "aten::sub", "aten::div", "aten::relu", "aten::relu_", "aten::sigmoid",
-    "aten::pad", "aten::constant_pad_nd", "aten::where", "aten::ge", "aten::copysign",
-    "aten::max_pool2d", "aten::cat", "aten::flatten", "aten::reshape", "aten::view",
-    "torchvision::roi_align", "aten::quantize_per_tensor", "aten::dequantize",
-)
 
 
 # ==== results ==================================================================================
 @dataclass
 class LayerStats:
-    """One conv/linear layer (or the ``(other)`` row: everything else)."""
+    """One conv/linear layer, one norm layer (``w_bits = a_bits = 32``, ``macs = 0``, its ops
+    in ``flops``), or the ``(other)`` row: everything else."""
 
     name: str
     type: str
@@ -185,6 +77,8 @@ class LayerStats:
     macs: int
     bops: int
     flops: int
+
+    is_norm: bool = False
 
     @property
     def is_binary(self) -> bool:
@@ -207,6 +101,10 @@ class ModelStats:
     input_shape: Tuple[int, ...]
     other_flops: int = 0
     notes: List[str] = field(default_factory=list)
+    #: FLOPs of the norm layers (inside ``flops``)
+    norm_flops: int = 0
+    #: parameters of modules the inference does not call (not in ``params`` / storage)
+    excluded_params: int = 0
 
     @property
     def storage_mb(self) -> float:
@@ -233,7 +131,7 @@ class ModelStats:
 
     @property
     def binary_param_ratio(self) -> float:
-        layer_params = sum(r.params for r in self.layers if r.type != "(other)")
+        layer_params = sum(r.params for r in self.layers if r.type != "(other)" and not r.is_norm)
         return self.binary_params / layer_params if layer_params else 0.0
 
     @property
@@ -252,6 +150,7 @@ class ModelStats:
             "equivalent_flops_eq1": self.equivalent_flops_eq1,
             "binarization_ratio": self.binarization_ratio,
             "binary_param_ratio": self.binary_param_ratio, "other_flops": self.other_flops,
+            "norm_flops": self.norm_flops, "excluded_params": self.excluded_params,
         }
 
     def to_json(self, indent: Optional[int] = 2) -> str:
@@ -277,7 +176,8 @@ class ModelStats:
             ("storage (MB, real bit widths)", f"{s['storage_mb']:.3f}"),
             ("storage if float32 (MB)", f"{s['float_storage_mb']:.3f}  ({s['compression_ratio']:.2f}x)"),
             ("MACs (conv+linear)", f"{self.macs / 1e9:.4f} G"),
-            ("FLOPs", f"{self.flops / 1e9:.4f} G"),
+            ("FLOPs (float layers + norms + other)", f"{self.flops / 1e9:.4f} G"),
+            ("  of which norms", f"{self.norm_flops / 1e9:.4f} G"),
             ("BOPs", f"{self.bops / 1e9:.4f} G"),
             ("equivalent FLOPs (BiDet: FLOPs + BOPs/64)", f"{s['equivalent_flops'] / 1e9:.4f} G"),
             ("equivalent FLOPs (paper 003 eq. 1)", f"{s['equivalent_flops_eq1'] / 1e9:.4f} G"),
@@ -295,79 +195,6 @@ def _equivalent_flop_eq1(macs: float, r_b: float) -> float:
     return float(equivalent_flops(macs, r_b))
 
 
-# ==== tracing ==================================================================================
-class _DenseDetector(nn.Module):
-    """The traceable dense part of a detectron2 detector (see module docstring)."""
-
-    def __init__(self, model: nn.Module, num_proposals: int):
-        super().__init__()
-        self.model = model
-        self.num_proposals = num_proposals
-
-    def forward(self, x: torch.Tensor):
-        m = self.model
-        if hasattr(m, "dense_forward"):  # detectors that expose their dense part (CenterNet, YOLOv2)
-            return tuple(_flatten(m.dense_forward(x)))
-        feats = m.backbone(x)
-        outs: List[torch.Tensor] = list(feats.values())
-        head = getattr(m, "head", None)
-        if head is not None and hasattr(m, "head_in_features"):
-            outs += _flatten(head([feats[f] for f in m.head_in_features]))
-        pg = getattr(m, "proposal_generator", None)
-        if pg is not None and hasattr(pg, "rpn_head"):
-            outs += _flatten(pg.rpn_head([feats[f] for f in pg.in_features]))
-        rh = getattr(m, "roi_heads", None)
-        if rh is not None and getattr(rh, "box_head", None) is not None:
-            from detectron2.structures import Boxes
-
-            n, _, h, w = x.shape
-            r = self.num_proposals
-            # fixed proposal boxes spread over the image (only their number matters)
-            t = torch.linspace(0, 1, r, dtype=x.dtype)
-            boxes = torch.stack([t * w * 0.5, t * h * 0.5, t * w * 0.5 + w * 0.5, t * h * 0.5 + h * 0.5], 1)
-            bf = rh.box_pooler([feats[f] for f in rh.box_in_features], [Boxes(boxes)] * n)
-            bf = rh.box_head(bf)
-            outs += _flatten(rh.box_predictor(bf))
-        return tuple(outs)
-
-
-def _flatten(obj) -> List[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    out: List[torch.Tensor] = []
-    for o in obj:
-        out += _flatten(o)
-    return out
-
-
-def _is_detectron2_detector(model: nn.Module) -> bool:
-    if callable(getattr(model, "dense_forward", None)):
-        return True
-    return hasattr(model, "backbone") and (
-        hasattr(model, "head") or hasattr(model, "proposal_generator") or hasattr(model, "roi_heads"))
-
-
-def _input_tensor(model: nn.Module, inputs) -> torch.Tensor:
-    """A float input tensor from a shape, a tensor or a detectron2 batch."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs if inputs.dim() == 4 or not _is_detectron2_detector(model) else inputs[None]
-    if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], dict):
-        return model.preprocess_image(inputs).tensor
-    shape = tuple(int(v) for v in inputs)
-    if len(shape) == 3 and _is_detectron2_detector(model):
-        shape = (1,) + shape
-    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
-    if _is_detectron2_detector(model):
-        # normalized like preprocess_image would; padded to the backbone's divisibility
-        div = int(getattr(getattr(model, "backbone", None), "size_divisibility", 0) or 0)
-        if div > 1:
-            h, w = shape[-2:]
-            x = nn.functional.pad(x, (0, (-w) % div, 0, (-h) % div))
-    return x
-
-
 # ==== the API ==================================================================================
 @torch.no_grad()
 def analyze_model(
@@ -379,26 +206,26 @@ def analyze_model(
 
     Args:
         model: any ``nn.Module`` (called as ``model(x)``), or a detectron2 detector (its
-            backbone and heads are traced, see module docstring). Not modified; it is run in
-            eval mode and its mode restored.
+            dense part is traced, see :mod:`aqd_d2.analysis.tracing`). Not modified; it is
+            run in eval mode and its mode restored.
         inputs: an input shape (``(C, H, W)`` or ``(N, C, H, W)``; random values), an input
             tensor, or a detectron2 batch (list of dicts; preprocessed by the model).
         num_proposals: ROI-head boxes per image for R-CNN models; default
             ``model.proposal_generator.post_nms_topk[False]`` (the test-time number).
     Returns:
-        :class:`ModelStats` with one row per conv/linear layer (in module order) and a
-        ``(other)`` row for the parameters and counted ops outside them.
+        :class:`ModelStats` with one row per conv/linear layer and per norm layer (in module
+        order) and a ``(other)`` row for the parameters and counted ops outside them.
     """
-    x = _input_tensor(model, inputs)
+    x = input_tensor(model, inputs)
     notes: List[str] = []
     was_training = model.training
     model.eval()
     try:
-        if _is_detectron2_detector(model):
+        if is_detectron2_detector(model):
             if num_proposals is None:
                 pg = getattr(model, "proposal_generator", None)
                 num_proposals = int(pg.post_nms_topk[False]) if pg is not None and hasattr(pg, "post_nms_topk") else 1000
-            target: nn.Module = _DenseDetector(model, num_proposals)
+            target: nn.Module = DenseDetector(model, num_proposals)
             prefix = "model."
             notes.append("traced backbone + heads (no post-processing)"
                          + (f"; ROI box head on {num_proposals} boxes/image"
@@ -406,51 +233,54 @@ def analyze_model(
         else:
             target, prefix = model, ""
         fa = FlopCountAnalysis(target, (x,))
-        fa.set_op_handle(**_HANDLES)
-        fa.set_op_handle(**{k: _zero for k in _IGNORED if not k.endswith(".")})
+        fa.set_op_handle(**HANDLES)
+        fa.set_op_handle(**{k: zero_handle for k in IGNORED if not k.endswith(".")})
         fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         by_module = fa.by_module()
         total_counted = int(fa.total())
+        uncalled = {n[len(prefix):] for n in fa.uncalled_modules() if n.startswith(prefix)}
     finally:
         model.train(was_training)
 
+    modules = dict(model.named_modules())
+    # layers the inference never calls (and modules holding only such layers): training-only
+    # branches. A quantizer is "uncalled" too (its conv calls its kernel), but holds no layer.
+    unused = top_level([n for n in modules if n in uncalled and n and any(
+        is_compute_layer(c) for c in modules[n].modules())])
+    unused_ids = {id(p) for n in unused for p in modules[n].parameters()}
+    excluded = sum(p.numel() for p in {id(p): p for n in unused for p in modules[n].parameters()}.values())
+    if excluded:
+        notes.append(f"{excluded:,} parameters of modules not called at inference are not "
+                     f"counted: {', '.join(unused[:6])}{' ...' if len(unused) > 6 else ''}")
+
+    def macs_of(name: str) -> int:
+        return int(by_module.get(prefix + name, 0))
+
+    compute = top_level([n for n, m in modules.items() if is_compute_layer(m)])
+    norms = top_level([n for n, m in modules.items() if is_norm_layer(m)])
+    order = {n: i for i, n in enumerate(modules)}
+    counted_ids: set = set(unused_ids)
     rows: List[LayerStats] = []
-    layer_param_ids: set = set()
-    counted: List[str] = []
-    for name, m in model.named_modules():
-        if not _is_compute_layer(m) or any(name.startswith(c + ".") for c in counted):
-            continue  # a deployed layer's inner module (e.g. BinaryLinearInference.conv)
-        counted.append(name)
+    for name in sorted(compute + norms, key=order.__getitem__):
+        m = modules[name]
+        if name in unused or any(name.startswith(u + ".") for u in unused):
+            continue
+        if name in norms:
+            own = [p for p in m.parameters() if id(p) not in counted_ids]
+            counted_ids.update(id(p) for p in own)
+            rows.append(LayerStats(
+                name=name, type=type(m).__name__, w_bits=FLOAT_BITS, a_bits=FLOAT_BITS,
+                params=sum(p.numel() for p in own),
+                storage_bytes=float(sum(p.numel() * p.element_size() for p in own)),
+                macs=0, bops=0, flops=macs_of(name), is_norm=True))
+            continue
         wb, ab = layer_bits(m)
-        # parameters of the layer itself (weight, bias) and of its norm / quantizers
-        sub = [p for p in m.parameters() if id(p) not in layer_param_ids]
-        for p in sub:
-            layer_param_ids.add(id(p))
-        weight = getattr(m, "weight", None)
-        params = sum(p.numel() for p in sub)
-        storage = 0.0
-        for p in sub:
-            if p is weight and wb < FLOAT_BITS:
-                storage += p.numel() * wb / 8.0
-            else:
-                storage += p.numel() * p.element_size()
-        # deployed modules keep weight (and bias) as buffers: count them as the parameters
-        # they were
-        n_w = 0
-        if hasattr(m, "weight_words"):
-            n_w = m.out_channels * m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(getattr(m, "weight_int8", None), torch.Tensor):
-            n_w = m.weight_int8.shape[0] * m.out_channels
-        if n_w:
-            params += n_w
-            storage += n_w * wb / 8.0
-            bias = getattr(m, "bias", None)
-            if bias is None and hasattr(m, "conv"):
-                bias = getattr(m.conv, "bias", None)
-            if isinstance(bias, torch.Tensor) and not isinstance(bias, nn.Parameter):
-                params += bias.numel()
-                storage += bias.numel() * 4.0
-        macs = int(by_module.get(prefix + name, 0))
+        inner_norms = [n for n in norms if n.startswith(name + ".")]
+        norm_ids = {id(p) for n in inner_norms for p in modules[n].parameters()}
+        own = [p for p in m.parameters() if id(p) not in counted_ids and id(p) not in norm_ids]
+        counted_ids.update(id(p) for p in own)
+        params, storage = layer_storage(m, own)
+        macs = macs_of(name) - sum(macs_of(n) for n in inner_norms)
         if getattr(m, "has_sum_column", False):  # int8 GEMM's receptive-field-sum column
             macs = macs // (m.out_channels + 1) * m.out_channels
         quantized = wb < FLOAT_BITS and ab < FLOAT_BITS
@@ -459,27 +289,29 @@ def analyze_model(
             storage_bytes=storage, macs=macs, bops=macs * wb * ab if quantized else 0,
             flops=0 if quantized else macs,
         ))
-    other_params = [p for p in model.parameters() if id(p) not in layer_param_ids]
-    layer_macs = sum(r.macs for r in rows)
-    other_flops = max(total_counted - layer_macs, 0)
+    other_params = [p for p in {id(p): p for p in model.parameters()}.values() if id(p) not in counted_ids]
+    layer_macs = sum(r.macs for r in rows if not r.is_norm)
+    norm_flops = sum(r.flops for r in rows if r.is_norm)
+    other_flops = max(total_counted - layer_macs - norm_flops, 0)
     rows.append(LayerStats(
         name="(other)", type="(other)", w_bits=FLOAT_BITS, a_bits=FLOAT_BITS,
         params=sum(p.numel() for p in other_params),
         storage_bytes=float(sum(p.numel() * p.element_size() for p in other_params)),
         macs=0, bops=0, flops=other_flops,
     ))
-    float_storage = float(sum(r.params for r in rows) * 4)
     return ModelStats(
         layers=rows,
         params=sum(r.params for r in rows),
         storage_bytes=sum(r.storage_bytes for r in rows),
-        float_storage_bytes=float_storage,
+        float_storage_bytes=float(sum(r.params for r in rows) * 4),
         macs=layer_macs,
-        binary_macs=sum(r.macs for r in rows if r.is_binary),
+        binary_macs=sum(r.macs for r in rows if r.is_binary and not r.is_norm),
         flops=sum(r.flops for r in rows),
         bops=sum(r.bops for r in rows),
-        binary_params=sum(r.params for r in rows if r.is_binary and r.type != "(other)"),
+        binary_params=sum(r.params for r in rows if r.is_binary and r.type != "(other)" and not r.is_norm),
         input_shape=tuple(x.shape),
         other_flops=other_flops,
         notes=notes,
+        norm_flops=norm_flops,
+        excluded_params=excluded,
     )

@@ -50,27 +50,32 @@ def test_hand_counts_small_model():
     n_lsq = sum(p.numel() for p in model[1].weight_quantizer.parameters()) + sum(
         p.numel() for p in model[1].input_quantizer.parameters())
     assert rows["1"].params == 8 * 72 + n_lsq
-    assert rows["(other)"].params == 16  # BN affine
+    # the BN is a float row of its own: affine params, one multiply-add per output element
+    assert rows["3"].params == 16 and rows["3"].is_norm
+    assert (rows["3"].macs, rows["3"].bops, rows["3"].flops) == (0, 0, 8 * 4 * 4)
+    assert rows["(other)"].params == 0
     # storage: quantized weights at their bits, everything else float32
     assert rows["0"].storage_bytes == (8 * 27 + 8) * 4
     assert rows["1"].storage_bytes == 8 * 72 * 4 / 8 + n_lsq * 4
     assert rows["2"].storage_bytes == 8 * 72 / 8
-    assert rows["5"].storage_bytes == 1280 / 8 + 10 * 4
+    # XNOR stores its per-output-channel scale (10 floats); BNN (layer 2) stores none
+    assert rows["5"].storage_bytes == 1280 / 8 + 10 * 4 + 10 * 4
     total_params = 224 + 576 + n_lsq + 576 + 1290 + 16
     assert s.params == total_params
-    assert s.storage_bytes == pytest.approx(224 * 4 + 288 + n_lsq * 4 + 72 + 200 + 64)
+    assert s.storage_bytes == pytest.approx(224 * 4 + 288 + n_lsq * 4 + 72 + 200 + 40 + 64)
     assert s.float_storage_bytes == total_params * 4
     # totals and the derived measures
     macs = 13824 + 36864 + 9216 + 1280
     assert s.macs == macs and s.binary_macs == 9216 + 1280
     assert s.bops == 36864 * 8 + 9216 + 1280
-    assert s.flops == 13824 + s.other_flops  # other: fvcore's BN count
+    assert s.norm_flops == 128 and s.other_flops == 0
+    assert s.flops == 13824 + 128
     assert s.equivalent_flops == pytest.approx(s.flops + s.bops / 64)
     r_b = (9216 + 1280) / macs
     assert s.binarization_ratio == pytest.approx(r_b)
     assert s.equivalent_flops_eq1 == pytest.approx(macs * r_b / 64 + macs * (1 - r_b))
     data = json.loads(s.to_json())
-    assert data["totals"]["bops"] == s.bops and len(data["layers"]) == 5
+    assert data["totals"]["bops"] == s.bops and len(data["layers"]) == 6
     assert "equivalent FLOPs" in s.table()
 
 
@@ -91,8 +96,10 @@ def test_cli_on_config(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "binarization ratio" in res.stdout
     data = json.loads(out.read_text())
-    layers = [r for r in data["layers"] if r["type"] != "(other)"]
+    layers = [r for r in data["layers"] if r["type"] != "(other)" and not r["is_norm"]]
     assert all(r["macs"] > 0 for r in layers), [r["name"] for r in layers if r["macs"] == 0]
+    norms = [r for r in data["layers"] if r["is_norm"]]
+    assert norms and all(r["flops"] > 0 and r["bops"] == 0 for r in norms)
     quantized = [r for r in layers if r["w_bits"] == 2]
     assert quantized and all(r["bops"] == r["macs"] * 4 for r in quantized)
     assert data["totals"]["bops"] > 0 and data["totals"]["binarization_ratio"] == 0.0
