@@ -190,7 +190,9 @@ class TrainingFeatures:
                 + "\nEither train with aqd_d2's Trainer (aqd_d2.engine.Trainer; train_net.py / "
                 "aqd-train), or call aqd_d2.engine.setup(trainer) on your detectron2 "
                 "DefaultTrainer (or subclass) right after constructing it, before "
-                "resume_or_load() and train().")
+                "resume_or_load() and train(). (A training loop of your own gets them from "
+                "aqd_d2.engine.build_optimizer, aqd_d2.data.build_aqd_train_loader and "
+                "aqd_d2.engine.build_train_loop.)")
 
 
 def attach_training_features(model: nn.Module, cfg) -> nn.Module:

@@ -209,3 +209,24 @@ def test_setup_changes_nothing_on_aqd_trainer(tmp_path):
     loop, opt = trainer._trainer, trainer.optimizer
     assert setup(trainer) == []
     assert trainer._trainer is loop and trainer.optimizer is opt
+
+
+@pytest.mark.parametrize("how", ["build_aqd_train_loader", "build_train_mapper"])
+def test_a_project_loader_from_the_documented_builders_needs_no_setup(how, tmp_path):
+    """A project's DefaultTrainer whose build_train_loader uses aqd_d2's builders gets the
+    SSD augmentation (the batches carry the mapper's tag) and trains without setup()."""
+    from detectron2.data import build_detection_train_loader
+
+    from aqd_d2.data import build_aqd_train_loader, build_train_mapper
+
+    class ProjectTrainer(DefaultTrainer):
+        @classmethod
+        def build_train_loader(cls, cfg):
+            if how == "build_aqd_train_loader":
+                return build_aqd_train_loader(cfg)
+            return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
+
+    cfg = _tiny_cfg("configs/SSD/MobileNetV1-shapes-voc-cpu-FP.yaml", tmp_path)
+    assert _expected_refusal(cfg) == {"INPUT.TRAIN_MAPPER": "SSDMapper"}
+    run = _train(ProjectTrainer, cfg)
+    assert run["error"] is None and [s["tag"] for s in run["steps"]] == ["SSDMapper"] * MAX_ITER
