@@ -149,6 +149,26 @@ def _counter(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
+_SCRATCH: dict = {}
+
+
+def _scratch(x: torch.Tensor, role: str, numel: int) -> torch.Tensor:
+    """A float64 work buffer of at least ``numel`` elements on ``x``'s device, one per
+    ``role`` ("part": the per-program partial rows of a last-program reduction, written and
+    read within one launch; "coef": coefficients one launch hands to the next). Reused across
+    calls instead of allocated per launch (an allocation costs about as much host time as a
+    small launch); kernels read only the rows of their own launch (``mask=i < nprog``), so
+    a larger buffer is fine. Launches on one stream run in order, which makes the reuse safe;
+    like :func:`_counter`, this assumes one stream per device runs these kernels."""
+    key = (x.device, role)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, 2 * (0 if buf is None else buf.numel())), dtype=torch.float64,
+                          device=x.device)
+        _SCRATCH[key] = buf
+    return buf
+
+
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """``t`` if its storage is dense in a layout the flat kernels can walk, else a copy."""
     if t.is_contiguous():
@@ -247,7 +267,7 @@ class _LIQ(TritonKernel):
             return None
         n, p = x.numel(), _programs(x.numel())
         consts = torch.empty(8, dtype=torch.float64, device=x.device)
-        part = torch.empty((p, 5), dtype=torch.float64, device=x.device)
+        part = _scratch(x, "part", p * 5)
         _launch(_k()._liq_wn_stats, p, x, params[0], part, _counter(x.device), consts, n,
                 Q=self.base.levels, RESCALE=self.base.rescale, BLOCK=_BLOCK, BLOCK_P=_BLOCK_P)
         return consts
@@ -269,8 +289,8 @@ class _LIQ(TritonKernel):
         gx = _grad_buffer(g, grad_y, x, overwrite_grad)
         n, p = x.numel(), _programs(x.numel())
         ga = _scalar_grad(x)
-        part = torch.empty((p, 4), dtype=torch.float64, device=x.device)
-        coef = torch.empty(3, dtype=torch.float64, device=x.device) if wn else part
+        part = _scratch(x, "part", p * 4)
+        coef = _scratch(x, "coef", 3) if wn else part
         _launch(_k()._liq_bwd, p, x, g, alpha, state if wn else alpha, gx, part,
                 _counter(x.device), ga, coef, n, Q=self.base.levels, SIGNED=self.base.signed,
                 WN=wn, RESCALE=self.base.rescale, NEED_A=bool(needs_grad[1]), BLOCK=_BLOCK,
@@ -298,7 +318,7 @@ class _LSQ(TritonKernel):
         if self.base.per_sample and x.dim() > 1 and x.shape[0] > 0:
             n_grad //= x.shape[0]
         gs = _scalar_grad(x)
-        part = torch.empty((p, 2), dtype=torch.float64, device=x.device)
+        part = _scratch(x, "part", p * 2)
         _launch(_k()._lsq_bwd, p, x, g, s, gx, part, _counter(x.device), gs, n, max(n_grad, 1),
                 QN=self.base.qn, QP=self.base.qp, NEED_S=bool(needs_grad[1]), BLOCK=_BLOCK,
                 BLOCK_P=_BLOCK_P)
@@ -330,7 +350,7 @@ class _DoReFaWeight(TritonKernel):
         t = torch.tanh(x.float())
         consts = torch.empty(1, dtype=torch.float64, device=x.device)
         p = _programs(x.numel())
-        part = torch.empty(p, dtype=torch.float64, device=x.device)
+        part = _scratch(x, "part", p)
         _launch(_k()._dorefa_w_stats, p, t, part, _counter(x.device), consts, x.numel(),
                 BLOCK=_BLOCK, BLOCK_P=_BLOCK_P)
         return t, consts
@@ -349,8 +369,8 @@ class _DoReFaWeight(TritonKernel):
         g = _like(grad_y, x)
         gx = _grad_buffer(g, grad_y, x, overwrite_grad)
         n, p = x.numel(), _programs(x.numel())
-        part = torch.empty((p, 3), dtype=torch.float64, device=x.device)
-        coef = torch.empty(3, dtype=torch.float64, device=x.device)
+        part = _scratch(x, "part", p * 3)
+        coef = _scratch(x, "coef", 3)
         _launch(_k()._dorefa_w_bwd_reduce, p, t, g, part, _counter(x.device), coef, n,
                 BLOCK=_BLOCK, BLOCK_P=_BLOCK_P)
         _launch(_k()._dorefa_w_bwd, p, t, g, coef, gx, n, BLOCK=_BLOCK)
@@ -363,7 +383,7 @@ class _Ternary(TritonKernel):
     def _state(self, x, params):
         n, p = x.numel(), _programs(x.numel())
         consts = torch.empty(2, dtype=torch.float64, device=x.device)
-        part = torch.empty((p, 2), dtype=torch.float64, device=x.device)
+        part = _scratch(x, "part", p * 2)
         cnt = _counter(x.device)
         _launch(_k()._twn_delta, p, x, part, cnt, consts, n, BLOCK=_BLOCK, BLOCK_P=_BLOCK_P)
         _launch(_k()._twn_alpha, p, x, part, cnt, consts, n, BLOCK=_BLOCK, BLOCK_P=_BLOCK_P)
