@@ -50,8 +50,6 @@ class ComplexityReport:
     layer_macs: Dict[str, int] = field(default_factory=dict)
     binary_layers: set = field(default_factory=set)
     size_bytes: float = 0.0
-    #: the :class:`~aqd_d2.analysis.model_stats.ModelStats` this report is a view of
-    stats: Optional[Any] = field(default=None, repr=False)
 
     @property
     def macs(self) -> int:
@@ -86,7 +84,7 @@ def report_from_stats(stats) -> ComplexityReport:
     layers = [r for r in stats.layers if r.type != "(other)" and not r.is_norm]
     return ComplexityReport(layer_macs={r.name: r.macs for r in layers},
                             binary_layers={r.name for r in layers if r.is_binary},
-                            size_bytes=stats.storage_bytes, stats=stats)
+                            size_bytes=stats.storage_bytes)
 
 
 def count_macs(model: nn.Module, inputs: Any, num_proposals: Optional[int] = None) -> ComplexityReport:

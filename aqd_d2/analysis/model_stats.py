@@ -6,21 +6,20 @@ This is aqd_d2's one counting core: ``tools/analyze_model.py`` prints it,
 is a view of the same rows, so the two can never disagree. Rules (the conventions of the
 binary-detection papers):
 
-* **MACs** of every conv / linear layer, per call, from its geometry and output
-  (:mod:`aqd_d2.analysis.op_counter`: ``numel(out) * C_in/groups * k_h * k_w``, fvcore's
-  count; one multiply-add = one "flop"), only the layer's own product: a norm inside
-  detectron2's ``Conv2d(norm=...)`` is **not** part of the conv's MACs (fvcore's ``by_module``
-  adds children into their parent; here each norm is a row of its own). Fake-quantized layers
-  (custom autograd functions), deployed binary / int8 layers and float layers count alike; the
-  quantizers, XNOR's activation-scale arithmetic and padding inside a layer are not counted
-  (deployment folds them).
+* **MACs** of every conv / linear layer come from fvcore's ``FlopCountAnalysis`` (one
+  multiply-add = one "flop"), only the layer's own conv / linear op: a norm inside
+  detectron2's ``Conv2d(norm=...)`` is **not** part of the conv's MACs (fvcore's
+  ``by_module`` adds children into their parent; here the norm is subtracted and gets its
+  own row). Quantized layers run as custom autograd functions (``prim::PythonOp._QuantConv2d``
+  / ``_QuantLinear``) and the deployed binary conv as ``aqd_binary::conv2d``; the handles of
+  :mod:`aqd_d2.analysis.tracing` count them like fvcore's conv / linear. Fake-quantization
+  nodes and XNOR's activation-scale arithmetic are not counted (deployment folds them).
 * **Norms** (BN, SyncBN, FrozenBN, GN, LN) are rows of their own and always float: an
   inference BN is one multiply-add per output element (``y = x a + b`` after folding), GN /
   LN as fvcore counts them. Their FLOPs are float FLOPs even behind a binary conv.
 * **FLOPs** are MACs (paper convention: BiDet and Bi-Real count ResNet-18 at 1.8 GFLOPs, its
   MAC count) of every layer that is *not* quantized on both sides, plus the norms, plus
-  the ops fvcore counts outside layers (matrix products, upsampling, adaptive pooling: the
-  ``(other)`` row). A binary-weight
+  whatever else fvcore counts (upsampling, pooling, ...: the ``(other)`` row). A binary-weight
   layer with float activations (BWN, TWN 2/32) still needs float additions: it counts as FLOPs.
 * **BOPs** of a layer with both weight and input quantized (``w_bits``, ``a_bits`` < 32):
   ``MACs * w_bits * a_bits`` (binary: ``MACs``).
@@ -33,15 +32,15 @@ binary-detection papers):
 * **Storage**: :mod:`aqd_d2.analysis.storage` (quantized weights at their bits plus the scale
   they store: Xnor / BWN / Bi-Real per channel, TWN per tensor, BNN / DoReFa none; everything
   else float32; buffers not counted). MB = 2**20 bytes.
-* **Inference only**: parameters of modules the inference never calls (BiDet's
+* **Inference only**: parameters of modules the traced inference never calls (BiDet's
   log-variance branches, dropped at inference by paper 000 sec. 3.1.3; AutoBiDet's complexity
   estimator; a knowledge-transfer teacher) are not counted; ``excluded_params`` and a note
   name them.
 * Deployed models (:func:`aqd_d2.export.deploy.convert_for_inference`) count like the
-  fake-quantized model: their layers have the same geometry, packed/int8 weight buffers count
-  as the parameters they replace.
+  fake-quantized model: the binary kernel op and the int8 GEMM (``aten::_int_mm``) have
+  handles, packed/int8 weight buffers count as the parameters they replace.
 
-Detectron2 meta-architectures are run through their dense part
+Detectron2 meta-architectures are traced through their dense part
 (:class:`aqd_d2.analysis.tracing.DenseDetector`: backbone, heads, RPN head, the ROI box head on
 ``num_proposals`` boxes per image); post-processing is not counted.
 """
@@ -52,13 +51,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from fvcore.nn import FlopCountAnalysis
 from tabulate import tabulate
 from torch import nn
 
 from .storage import (FLOAT_BITS, MB, is_compute_layer, is_norm_layer, layer_bits,
                       layer_storage, top_level)
-from .op_counter import count_ops
-from .tracing import DenseDetector, input_tensor, is_detectron2_detector
+from .tracing import HANDLES, IGNORED, DenseDetector, input_tensor, is_detectron2_detector, zero_handle
 
 __all__ = ["LayerStats", "ModelStats", "analyze_model", "layer_bits", "FLOAT_BITS"]
 
@@ -207,7 +206,7 @@ def analyze_model(
 
     Args:
         model: any ``nn.Module`` (called as ``model(x)``), or a detectron2 detector (its
-            dense part is run, see :mod:`aqd_d2.analysis.tracing`). Not modified; it is
+            dense part is traced, see :mod:`aqd_d2.analysis.tracing`). Not modified; it is
             run in eval mode and its mode restored.
         inputs: an input shape (``(C, H, W)`` or ``(N, C, H, W)``; random values), an input
             tensor, or a detectron2 batch (list of dicts; preprocessed by the model).
@@ -228,37 +227,34 @@ def analyze_model(
                 num_proposals = int(pg.post_nms_topk[False]) if pg is not None and hasattr(pg, "post_nms_topk") else 1000
             target: nn.Module = DenseDetector(model, num_proposals)
             prefix = "model."
-            notes.append("counted backbone + heads (no post-processing)"
+            notes.append("traced backbone + heads (no post-processing)"
                          + (f"; ROI box head on {num_proposals} boxes/image"
                             if getattr(model, "roi_heads", None) is not None else ""))
         else:
             target, prefix = model, ""
-        counts = count_ops(target, x)
+        fa = FlopCountAnalysis(target, (x,))
+        fa.set_op_handle(**HANDLES)
+        fa.set_op_handle(**{k: zero_handle for k in IGNORED if not k.endswith(".")})
+        fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        by_module = fa.by_module()
+        total_counted = int(fa.total())
+        uncalled = {n[len(prefix):] for n in fa.uncalled_modules() if n.startswith(prefix)}
     finally:
         model.train(was_training)
 
-    def strip(name: str) -> str:
-        return name[len(prefix):] if prefix and name.startswith(prefix) else name
-
-    layer_count = {strip(n): v for n, v in counts.layer_macs.items()}
-    norm_count = {strip(n): v for n, v in counts.norm_flops.items()}
-    uncalled = {n for n, _ in model.named_modules()} - {strip(n) for n in counts.called}
     modules = dict(model.named_modules())
     # layers the inference never calls (and modules holding only such layers): training-only
     # branches. A quantizer is "uncalled" too (its conv calls its kernel), but holds no layer.
-    # A container whose children are called one by one is not called itself: a module is
-    # unused when nothing in it was called.
-    active = set()  # called modules and every module around one
-    for c in set(modules) - uncalled:
-        parts = c.split(".")
-        active.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    unused = top_level([n for n in modules if n and n not in active
-                        and any(is_compute_layer(c) for c in modules[n].modules())])
+    unused = top_level([n for n in modules if n in uncalled and n and any(
+        is_compute_layer(c) for c in modules[n].modules())])
     unused_ids = {id(p) for n in unused for p in modules[n].parameters()}
     excluded = sum(p.numel() for p in {id(p): p for n in unused for p in modules[n].parameters()}.values())
     if excluded:
         notes.append(f"{excluded:,} parameters of modules not called at inference are not "
                      f"counted: {', '.join(unused[:6])}{' ...' if len(unused) > 6 else ''}")
+
+    def macs_of(name: str) -> int:
+        return int(by_module.get(prefix + name, 0))
 
     compute = top_level([n for n, m in modules.items() if is_compute_layer(m)])
     norms = top_level([n for n, m in modules.items() if is_norm_layer(m)])
@@ -276,7 +272,7 @@ def analyze_model(
                 name=name, type=type(m).__name__, w_bits=FLOAT_BITS, a_bits=FLOAT_BITS,
                 params=sum(p.numel() for p in own),
                 storage_bytes=float(sum(p.numel() * p.element_size() for p in own)),
-                macs=0, bops=0, flops=norm_count.get(name, 0), is_norm=True))
+                macs=0, bops=0, flops=macs_of(name), is_norm=True))
             continue
         wb, ab = layer_bits(m)
         inner_norms = [n for n in norms if n.startswith(name + ".")]
@@ -284,7 +280,9 @@ def analyze_model(
         own = [p for p in m.parameters() if id(p) not in counted_ids and id(p) not in norm_ids]
         counted_ids.update(id(p) for p in own)
         params, storage = layer_storage(m, own)
-        macs = layer_count.get(name, 0)
+        macs = macs_of(name) - sum(macs_of(n) for n in inner_norms)
+        if getattr(m, "has_sum_column", False):  # int8 GEMM's receptive-field-sum column
+            macs = macs // (m.out_channels + 1) * m.out_channels
         quantized = wb < FLOAT_BITS and ab < FLOAT_BITS
         rows.append(LayerStats(
             name=name, type=type(m).__name__, w_bits=wb, a_bits=ab, params=params,
@@ -294,7 +292,7 @@ def analyze_model(
     other_params = [p for p in {id(p): p for p in model.parameters()}.values() if id(p) not in counted_ids]
     layer_macs = sum(r.macs for r in rows if not r.is_norm)
     norm_flops = sum(r.flops for r in rows if r.is_norm)
-    other_flops = counts.other_flops
+    other_flops = max(total_counted - layer_macs - norm_flops, 0)
     rows.append(LayerStats(
         name="(other)", type="(other)", w_bits=FLOAT_BITS, a_bits=FLOAT_BITS,
         params=sum(p.numel() for p in other_params),

@@ -1,8 +1,8 @@
-"""What :func:`~aqd_d2.analysis.model_stats.analyze_model` runs: the dense part of a detectron2
-detector, and the input tensor.
+"""How :func:`~aqd_d2.analysis.model_stats.analyze_model` runs a model under fvcore's tracer:
+the op handles for aqd_d2's custom ops, and the traceable dense part of a detectron2 detector.
 
-A detectron2 meta-architecture's whole forward would count a data-dependent number of RoIs
-(and post-processing); its dense part is counted instead: the model's
+Detectron2 meta-architectures cannot be traced as a whole (their inputs are lists of dicts and
+their outputs ``Instances``); the dense part is traced instead: the model's
 ``dense_forward(x)`` where it has one (aqd_d2's CenterNet, YOLOv2), else backbone, then the
 dense head (RetinaNet/FCOS/SSD ``head``), the RPN head, and the ROI box head on
 ``num_proposals`` boxes per image (default ``MODEL.RPN.POST_NMS_TOPK_TEST``, as at test time).
@@ -11,17 +11,100 @@ input tensor directly.
 """
 from __future__ import annotations
 
-from typing import List
+import math
+from typing import List, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["DenseDetector", "is_detectron2_detector", "input_tensor"]
+__all__ = ["HANDLES", "IGNORED", "DenseDetector", "is_detectron2_detector", "input_tensor",
+           "zero_handle"]
 
 
-# ==== the dense part ==================================================================================
+# ==== fvcore handles ===========================================================================
+def _shape(v) -> Optional[List[int]]:
+    t = v.type()
+    try:
+        return t.sizes()
+    except Exception:  # noqa: BLE001 - not a complete tensor type
+        return None
+
+
+def _conv_macs(inputs, outputs) -> int:
+    """MACs of ``conv(x, w)``: numel(out) * C_in/groups * kh * kw = numel(out) * prod(w[1:])."""
+    out, w = _shape(outputs[0]), _shape(inputs[1])
+    if out is None or w is None:
+        return 0
+    return math.prod(out) * math.prod(w[1:])
+
+
+def _linear_macs(inputs, outputs) -> int:
+    out, x = _shape(outputs[0]), _shape(inputs[0])
+    if out is None or x is None:
+        return 0
+    return math.prod(out) * x[-1]
+
+
+def _binary_kernel_macs(inputs, outputs) -> int:
+    """``aqd_binary::conv2d(x, words, alpha, bias, O, C, [kh, kw], ...)``: MACs from the input's
+    channels and the kernel size list (node input 6)."""
+    out, x = _shape(outputs[0]), _shape(inputs[0])
+    if out is None or x is None:
+        return 0
+    ks = inputs[6].toIValue() if inputs[6].node().kind() == "prim::Constant" else None
+    if ks is None and inputs[6].node().kind() == "prim::ListConstruct":
+        ks = [i.toIValue() for i in inputs[6].node().inputs()]
+    kh, kw = (ks or [1, 1])[:2]
+    return math.prod(out) * x[1] * int(kh) * int(kw)
+
+
+def _int_mm_macs(inputs, outputs) -> int:
+    """``aten::_int_mm(A [m, k], B [k, n])``: ``m * k * n`` (the deployed int8 layers,
+    :class:`aqd_d2.export.deploy.Int8ConvInference`; an extra all-ones weight column of theirs
+    is subtracted per layer in :func:`analyze_model`)."""
+    a, b = _shape(inputs[0]), _shape(inputs[1])
+    if a is None or b is None:
+        return 0
+    return a[0] * a[1] * b[1]
+
+
+def _batch_norm_macs(inputs, outputs) -> int:
+    """Inference batch norm (any BN, SyncBN, detectron2's FrozenBatchNorm2d under no_grad):
+    ``y = x * a + b`` per element after folding the statistics, one multiply-add per output
+    element, counted like a conv's multiply-adds (fvcore counts 2 per element for an affine
+    BN)."""
+    out = _shape(outputs[0])
+    return math.prod(out) if out is not None else 0
+
+
+def zero_handle(inputs, outputs) -> int:
+    return 0
+
+
+#: traced op name -> handle. fvcore names custom autograd functions
+#: ``prim::PythonOp.<class name>``.
+HANDLES = {
+    "prim::PythonOp._QuantConv2d": _conv_macs,
+    "prim::PythonOp._QuantLinear": _linear_macs,
+    "aqd_binary::conv2d": _binary_kernel_macs,
+    "aten::_int_mm": _int_mm_macs,
+    "quantized::conv2d": _conv_macs,
+    "quantized::conv2d_relu": _conv_macs,
+    "aten::batch_norm": _batch_norm_macs,
+}
+#: ops that are deliberately not counted (fake quantization, elementwise glue)
+IGNORED = (
+    "prim::PythonOp.", "aten::abs", "aten::mean", "aten::add", "aten::add_", "aten::mul",
+    "aten::mul_", "aten::sub", "aten::div", "aten::relu", "aten::relu_", "aten::sigmoid",
+    "aten::pad", "aten::constant_pad_nd", "aten::where", "aten::ge", "aten::copysign",
+    "aten::max_pool2d", "aten::cat", "aten::flatten", "aten::reshape", "aten::view",
+    "torchvision::roi_align", "aten::quantize_per_tensor", "aten::dequantize",
+)
+
+
+# ==== tracing ==================================================================================
 class DenseDetector(nn.Module):
-    """The dense part of a detectron2 detector (see module docstring)."""
+    """The traceable dense part of a detectron2 detector (see module docstring)."""
 
     def __init__(self, model: nn.Module, num_proposals: int):
         super().__init__()
