@@ -105,10 +105,10 @@ def add_config(cfg: CN) -> None:
     # Teacher BatchNorm: "eval" (running statistics, a fixed teacher) or "batch" (batch
     # statistics like the training student; running statistics untouched).
     _C.MODEL.KT.TEACHER_BN_MODE = "eval"
-    # ---- stage-wise binarization (aqd_d2.engine.stage_hook; paper 004 sec. III-B) ----
+    # ---- stage-wise binarization (aqd_d2.modeling.stage_schedule, carried by the detector; paper 004 sec. III-B) ----
     _C.AQD.STAGE_BINARIZATION = CN()
     # Groups of quantized layers (full-match regexes of layer names), binarized in this
-    # order (paper: reverse depth, M0 = last layers); [] = hook off.
+    # order (paper: reverse depth, M0 = last layers); [] = off.
     _C.AQD.STAGE_BINARIZATION.GROUPS = []
     # Iteration at which each group's quantizers are switched on (non-decreasing; before it
     # the group's quantizers are disabled, i.e. the layer is float).

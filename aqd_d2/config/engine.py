@@ -11,7 +11,8 @@ def add_config(cfg: CN) -> None:
     _C = cfg
     _C.AQD = CN()
     # Evaluator for the test datasets: "auto" picks it from the dataset's metadata
-    # evaluator_type ("coco" -> COCOEvaluator, "pascal_voc" -> PascalVOCDetectionEvaluator).
+    # evaluator_type ("coco" -> COCOEvaluator, "pascal_voc" -> PascalVOCDetectionEvaluator);
+    # "none" trains without evaluating.
     _C.AQD.EVALUATOR = "auto"
     # Training loop (aqd_d2.engine.train_loop.TRAIN_LOOP_REGISTRY, class names): "AQDTrainLoop" is detectron2's
     # SimpleTrainer step; detectors with extra optimisers (AutoBiDet's GAN) register their own.
@@ -22,7 +23,8 @@ def add_config(cfg: CN) -> None:
     _C.INPUT.TRAIN_MAPPER = "DatasetMapper"
     # Detector optimizer built by aqd_d2's Trainer (aqd_d2.engine.optimizer): "SGD"
     # (detectron2's: MOMENTUM, NESTEROV), "Adam" (BiDet / AutoBiDet, paper 000 sec. 4.1) or
-    # "AdamW". detectron2's own DefaultTrainer ignores this key and always builds SGD.
+    # "AdamW". Built by aqd_d2's Trainer / aqd_d2.engine.build_optimizer / aqd_d2.engine.setup;
+    # a detector whose config names Adam/AdamW refuses to train under a trainer that built SGD.
     _C.SOLVER.OPTIMIZER = "SGD"
     # MODEL.WEIGHTS names a local file that does not exist (train_net.py / aqd-train): "raise"
     # stops with an error naming it and how to make it; "scratch" logs one line and trains

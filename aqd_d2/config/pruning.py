@@ -30,7 +30,7 @@ def add_config(cfg: CN) -> None:
     """Add this section's keys (each documented on the line above it)."""
     _C = cfg
     _C.AQD.PRUNING = CN()
-    # Filter pruning applied by a training hook: "none"; "sfp" (soft filter pruning, He et al.
+    # Filter pruning applied by the detector itself before each training step (aqd_d2.pruning.schedule): "none"; "sfp" (soft filter pruning, He et al.
     # 2018: every INTERVAL iterations zero the lowest-norm filters, which keep training and may
     # regrow); "pfec" (Li et al. 2017: rank filters by L1 norm once at START_ITER, then keep
     # them at zero for the rest of training, i.e. a permanent mask).
