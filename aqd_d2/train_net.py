@@ -96,6 +96,9 @@ def load_config(args):
         raise ConfigError(f"--voc-classes names {sorted(classes)}, which no --voc registers")
     cfg.AQD.DATASETS.VOC = list(cfg.AQD.DATASETS.VOC) + voc
     validate_aqd_config(cfg)
+    if getattr(args, "eval_only", False) and cfg.AQD.EVALUATOR == "none":
+        raise ConfigError("--eval-only with AQD.EVALUATOR 'none' would evaluate nothing; set "
+                          "AQD.EVALUATOR auto / coco / pascal_voc")
     return cfg
 
 

@@ -100,6 +100,11 @@ def test_missing_base_names_the_yaml_that_references_it(tmp_path):
     assert "parent.yaml" in str(e.value) and "gone/Base.yaml" in str(e.value)
 
 
+def test_eval_only_with_no_evaluator_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--eval-only with AQD.EVALUATOR 'none'"):
+        tn.load_config(_args(RETINA_FP, "AQD.EVALUATOR", "none", extra=["--eval-only"]))
+
+
 def test_missing_weights_raise_by_default_and_name_the_file(tmp_path):
     args = _args(RETINA_FP, "MODEL.WEIGHTS", "nowhere/model_final.pth", "OUTPUT_DIR", str(tmp_path))
     with pytest.raises(ConfigError, match="MODEL.WEIGHTS 'nowhere/model_final.pth' does not exist"):
