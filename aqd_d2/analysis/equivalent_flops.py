@@ -50,6 +50,8 @@ class ComplexityReport:
     layer_macs: Dict[str, int] = field(default_factory=dict)
     binary_layers: set = field(default_factory=set)
     size_bytes: float = 0.0
+    #: the :class:`~aqd_d2.analysis.model_stats.ModelStats` this report is a view of
+    stats: Optional[Any] = field(default=None, repr=False)
 
     @property
     def macs(self) -> int:
@@ -84,10 +86,11 @@ def report_from_stats(stats) -> ComplexityReport:
     layers = [r for r in stats.layers if r.type != "(other)" and not r.is_norm]
     return ComplexityReport(layer_macs={r.name: r.macs for r in layers},
                             binary_layers={r.name for r in layers if r.is_binary},
-                            size_bytes=stats.storage_bytes)
+                            size_bytes=stats.storage_bytes, stats=stats)
 
 
-def count_macs(model: nn.Module, inputs: Any, num_proposals: Optional[int] = None) -> ComplexityReport:
+def count_macs(model: nn.Module, inputs: Any, num_proposals: Optional[int] = None,
+               trace: Optional[Any] = None) -> ComplexityReport:
     """Count the MACs of one forward pass per layer (in eval mode, restored afterwards).
 
     Args:
@@ -95,12 +98,13 @@ def count_macs(model: nn.Module, inputs: Any, num_proposals: Optional[int] = Non
         inputs: an input tensor, an input shape, or a list of detectron2 input dicts.
         num_proposals: ROI-head boxes per image for R-CNN models (default: the test-time
             top-k of the RPN).
+        trace: an earlier analysis' ``ModelStats.trace`` of the same architecture (reused).
     Returns:
         a :class:`ComplexityReport` (layers called several times are summed).
     """
     from .model_stats import analyze_model
 
-    return report_from_stats(analyze_model(model, inputs, num_proposals=num_proposals))
+    return report_from_stats(analyze_model(model, inputs, num_proposals=num_proposals, trace=trace))
 
 
 def equivalent_flops(macs: float, binarization_ratio: float) -> float:

@@ -59,7 +59,33 @@ from .storage import (FLOAT_BITS, MB, is_compute_layer, is_norm_layer, layer_bit
                       layer_storage, top_level)
 from .tracing import HANDLES, IGNORED, DenseDetector, input_tensor, is_detectron2_detector, zero_handle
 
-__all__ = ["LayerStats", "ModelStats", "analyze_model", "layer_bits", "FLOAT_BITS"]
+__all__ = ["LayerStats", "ModelStats", "Trace", "analyze_model", "layer_bits", "FLOAT_BITS"]
+
+
+# ==== the trace ================================================================================
+@dataclass
+class Trace:
+    """fvcore's counts of one forward (names relative to the model): the part of the analysis
+    that depends on the architecture and the input only, not on precision (a quantized layer
+    counts the MACs of the float one). :func:`analyze_model` returns it in ``ModelStats.trace``
+    and reuses one given back for a model of the same architecture (same conv / linear
+    layers), e.g. the precision variants of one detector.
+
+    Attributes:
+        by_module: counted ops per module (children included, fvcore's ``by_module``).
+        total: all counted ops.
+        uncalled: modules the forward did not call.
+        compute_layers: names of the conv / linear layers (checked on reuse).
+        input_shape: the traced input's shape.
+        num_proposals: RoIs per image of an R-CNN (None otherwise).
+    """
+
+    by_module: Dict[str, int]
+    total: int
+    uncalled: set
+    compute_layers: Tuple[str, ...]
+    input_shape: Tuple[int, ...]
+    num_proposals: Optional[int] = None
 
 
 # ==== results ==================================================================================
@@ -105,6 +131,8 @@ class ModelStats:
     norm_flops: int = 0
     #: parameters of modules the inference does not call (not in ``params`` / storage)
     excluded_params: int = 0
+    #: fvcore's counts this analysis used (reusable for the same architecture)
+    trace: Optional[Trace] = field(default=None, repr=False)
 
     @property
     def storage_mb(self) -> float:
@@ -195,12 +223,37 @@ def _equivalent_flop_eq1(macs: float, r_b: float) -> float:
     return float(equivalent_flops(macs, r_b))
 
 
+def _trace(model: nn.Module, x: torch.Tensor, num_proposals: Optional[int],
+           compute: Tuple[str, ...]) -> Trace:
+    """fvcore's counts of ``model`` (its dense part for a detectron2 detector) on ``x``."""
+    was_training = model.training
+    model.eval()
+    try:
+        if num_proposals is not None:  # a detectron2 detector: its dense part
+            target: nn.Module = DenseDetector(model, int(num_proposals))
+            prefix = "model."
+        else:
+            target, prefix = model, ""
+        fa = FlopCountAnalysis(target, (x,))
+        fa.set_op_handle(**HANDLES)
+        fa.set_op_handle(**{k: zero_handle for k in IGNORED if not k.endswith(".")})
+        fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        by_module = {k[len(prefix):] if k.startswith(prefix) else k: int(v) for k, v in fa.by_module().items()}
+        total = int(fa.total())
+        uncalled = {n[len(prefix):] for n in fa.uncalled_modules() if n.startswith(prefix)}
+    finally:
+        model.train(was_training)
+    return Trace(by_module=by_module, total=total, uncalled=uncalled, compute_layers=compute,
+                 input_shape=tuple(x.shape), num_proposals=num_proposals)
+
+
 # ==== the API ==================================================================================
 @torch.no_grad()
 def analyze_model(
     model: nn.Module,
     inputs: Union[Sequence[int], torch.Tensor, List[Dict[str, Any]]] = (3, 320, 320),
     num_proposals: Optional[int] = None,
+    trace: Optional[Trace] = None,
 ) -> ModelStats:
     """Count parameters, storage, MACs, FLOPs, BOPs of ``model`` (rules: module docstring).
 
@@ -212,41 +265,44 @@ def analyze_model(
             tensor, or a detectron2 batch (list of dicts; preprocessed by the model).
         num_proposals: ROI-head boxes per image for R-CNN models; default
             ``model.proposal_generator.post_nms_topk[False]`` (the test-time number).
+        trace: fvcore's counts of a model of the same architecture at the same input
+            (``ModelStats.trace`` of an earlier call): not traced again.
     Returns:
         :class:`ModelStats` with one row per conv/linear layer and per norm layer (in module
         order) and a ``(other)`` row for the parameters and counted ops outside them.
+    Raises:
+        ValueError: ``trace`` is of another architecture or input.
     """
     x = input_tensor(model, inputs)
     notes: List[str] = []
-    was_training = model.training
-    model.eval()
-    try:
-        if is_detectron2_detector(model):
-            if num_proposals is None:
-                pg = getattr(model, "proposal_generator", None)
-                num_proposals = int(pg.post_nms_topk[False]) if pg is not None and hasattr(pg, "post_nms_topk") else 1000
-            target: nn.Module = DenseDetector(model, num_proposals)
-            prefix = "model."
-            notes.append("traced backbone + heads (no post-processing)"
-                         + (f"; ROI box head on {num_proposals} boxes/image"
-                            if getattr(model, "roi_heads", None) is not None else ""))
-        else:
-            target, prefix = model, ""
-        fa = FlopCountAnalysis(target, (x,))
-        fa.set_op_handle(**HANDLES)
-        fa.set_op_handle(**{k: zero_handle for k in IGNORED if not k.endswith(".")})
-        fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-        by_module = fa.by_module()
-        total_counted = int(fa.total())
-        uncalled = {n[len(prefix):] for n in fa.uncalled_modules() if n.startswith(prefix)}
-    finally:
-        model.train(was_training)
-
+    rcnn = is_detectron2_detector(model)
+    if rcnn and num_proposals is None:
+        pg = getattr(model, "proposal_generator", None)
+        num_proposals = int(pg.post_nms_topk[False]) if pg is not None and hasattr(pg, "post_nms_topk") else 1000
+    compute = tuple(top_level([n for n, m in model.named_modules() if is_compute_layer(m)]))
+    if rcnn:
+        notes.append("traced backbone + heads (no post-processing)"
+                     + (f"; ROI box head on {num_proposals} boxes/image"
+                        if getattr(model, "roi_heads", None) is not None else ""))
+    if trace is None:
+        trace = _trace(model, x, num_proposals if rcnn else None, compute)
+    elif (trace.compute_layers, trace.input_shape, trace.num_proposals) != (
+            compute, tuple(x.shape), num_proposals if rcnn else None):
+        raise ValueError("analyze_model: the given trace is of another architecture or input "
+                         f"({len(trace.compute_layers)} vs {len(compute)} conv/linear layers, input "
+                         f"{trace.input_shape} vs {tuple(x.shape)}, RoIs {trace.num_proposals})")
+    by_module, total_counted, uncalled = trace.by_module, trace.total, trace.uncalled
     modules = dict(model.named_modules())
     # layers the inference never calls (and modules holding only such layers): training-only
     # branches. A quantizer is "uncalled" too (its conv calls its kernel), but holds no layer.
-    unused = top_level([n for n in modules if n in uncalled and n and any(
-        is_compute_layer(c) for c in modules[n].modules())])
+    # A container whose children are called one by one is not called itself (QuickNet's
+    # scales): a module is unused when nothing in it was called.
+    active = set()  # called modules and every module around one
+    for c in set(modules) - uncalled:
+        parts = c.split(".")
+        active.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    unused = top_level([n for n in modules if n and n not in active
+                        and any(is_compute_layer(c) for c in modules[n].modules())])
     unused_ids = {id(p) for n in unused for p in modules[n].parameters()}
     excluded = sum(p.numel() for p in {id(p): p for n in unused for p in modules[n].parameters()}.values())
     if excluded:
@@ -254,7 +310,7 @@ def analyze_model(
                      f"counted: {', '.join(unused[:6])}{' ...' if len(unused) > 6 else ''}")
 
     def macs_of(name: str) -> int:
-        return int(by_module.get(prefix + name, 0))
+        return int(by_module.get(name, 0))
 
     compute = top_level([n for n, m in modules.items() if is_compute_layer(m)])
     norms = top_level([n for n, m in modules.items() if is_norm_layer(m)])
@@ -314,4 +370,5 @@ def analyze_model(
         notes=notes,
         norm_flops=norm_flops,
         excluded_params=excluded,
+        trace=trace,
     )
