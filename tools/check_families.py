@@ -33,6 +33,11 @@ FAMILIES = [
     ("retinanet_liq2", "configs/RetinaNet/R18-FPN-shapes-cpu-2bit.yaml", []),
     ("fcos_liq2", "configs/FCOS/R18-FPN-shapes-cpu-2bit.yaml", []),
     ("faster_rcnn_binary", "configs/FasterRCNN/R18-FPN-shapes-cpu-binary.yaml", []),
+    # paper 000's C4 Faster R-CNN (res5 of Bi-Real blocks on each RoI) with the BiDet objective;
+    # res2 width 16 and 16 RoIs per image keep its per-RoI res5 cheap
+    ("faster_rcnn_c4_bidet", "configs/BiDet/FasterRCNN-R18-C4-shapes-voc-cpu-BiDet.yaml",
+     ["MODEL.RESNETS.RES2_OUT_CHANNELS", "16", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16",
+      "MODEL.RPN.POST_NMS_TOPK_TEST", "10"]),
     ("ssd_xnor", "configs/SSD/VGG16-shapes-voc-cpu-XNOR.yaml",
      ["MODEL.VGG.WIDTH_MULT", "0.125"]),
     ("bidet_ssd", "configs/BiDet/SSD300-VGG16-shapes-voc-cpu-BiDet.yaml",

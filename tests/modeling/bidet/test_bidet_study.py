@@ -1,11 +1,20 @@
-"""tools/bidet_study.py end to end with smoke settings: Xnor-Net, BiDet and AutoBiDet (Faster
-R-CNN R18 twins, from scratch) train 1 iteration each and are evaluated with the VOC evaluator and
-the TP/FP/FN counter on the tiny VOC-layout dataset."""
+"""tools/bidet_study.py (issue 16): the command end to end with tiny CPU settings (float init,
+then AutoBiDet for the C4 Faster R-CNN and SSD300 twins, one Figure 7 sweep cell), and its
+pieces without training: the device comes from the config / command line (cuda is not forced
+to cpu), seeds are summarised as mean and spread, Figure 7's sweep keeps eq. 7's balance, the
+GAN round every k iterations, and the sizing of a GPU run from a calibration."""
 import importlib.util
 import json
 import math
 
+import pytest
+
 from tests.conftest import REPO
+
+TINY = ["--batch", "2", "--size", "64", "--train-set", "aqd_shapes_voc_tiny_train",
+        "--test-set", "aqd_shapes_voc_tiny_val", "MODEL.VGG.WIDTH_MULT", "0.125",
+        "MODEL.BIDET.AUTO.CHANNELS", "8", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16",
+        "MODEL.RPN.POST_NMS_TOPK_TEST", "10"]
 
 
 def _study():
@@ -15,32 +24,101 @@ def _study():
     return module
 
 
-def test_bidet_study_smoke(tmp_path):
+def test_study_smoke_c4_and_ssd(tmp_path):
     study = _study()
-    rows = study.main(["--out", str(tmp_path), "--init", "scratch", "--max-iter", "1", "--batch", "2", "--size", "64",
-                       "--train-set", "aqd_shapes_voc_tiny_train", "--test-set", "aqd_shapes_voc_tiny_val",
-                       "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.BIDET.AUTO.CHANNELS", "8"])
-    assert [r["run"] for r in rows] == ["xnor", "bidet", "autobidet"]
-    n_gt = 0
-    for r in rows:
-        m = r["metrics"]
-        assert {"AP50", "AP", "TP", "FP", "FN"} <= set(m)
+    summary = study.main(["--out", str(tmp_path), "--detectors", "c4", "ssd", "--only", "autobidet",
+                          "--sweep", "--sweep-betas", "10", "--sweep-gammas", "2", "--max-iter", "1", *TINY])
+    groups = {(g["detector"], g["run"]): g for g in summary["groups"]}
+    assert set(groups) == {("c4", "fp"), ("c4", "autobidet"), ("ssd", "fp"), ("ssd", "autobidet"),
+                           ("ssd", "beta10_gamma2")}
+    n_gt = None
+    for g in groups.values():
+        m = g["metrics"][0]
+        assert {"AP50", "AP", "TP", "FP", "FN", "minutes", "iters"} <= set(m)
         assert 0.0 <= m["AP50"] <= 100.0 or math.isnan(m["AP50"])
         n_gt = n_gt or m["TP"] + m["FN"]
         assert m["TP"] + m["FN"] == n_gt  # every run sees the same ground truth
-    assert (tmp_path / "autobidet" / "model_final.pth").exists()
+    # binary runs start from their detector's float run
+    assert (tmp_path / "c4" / "fp" / "seed0" / "model_final.pth").exists()
+    sweep = groups[("ssd", "beta10_gamma2")]
+    assert (sweep["beta"], sweep["gamma"]) == (10.0, 2.0)
     saved = json.loads((tmp_path / "study.json").read_text())
-    assert [r["method"] for r in saved] == ["Xnor-Net", "BiDet", "AutoBiDet"]
+    assert saved["gan_every"] == 1 and len(saved["groups"]) == 5
     md = (tmp_path / "study.md").read_text()
-    assert "| AutoBiDet |" in md and "| Xnor-Net |" in md
+    assert "| c4 | AutoBiDet |" in md and "Figure 7 sweep" in md and "| 10 |" in md
+
+
+def test_device_comes_from_the_config_and_command_line(tmp_path):
+    study = _study()
+    args = study.parse_args(["--out", str(tmp_path), "MODEL.DEVICE", "cuda"])
+    spec = study.study_specs(args, 1, {})[1]  # c4 xnor, seed 0
+    cfg = study.build_cfg(spec)
+    assert cfg.MODEL.DEVICE == "cuda"  # not forced to cpu
+    assert cfg.MODEL.WEIGHTS.endswith("c4/fp/seed0/model_final.pth")
+    assert study.build_cfg(study.study_specs(study.parse_args(["--out", str(tmp_path)]), 1, {})[1]).MODEL.DEVICE == "cpu"
+
+
+def test_seeds_and_sweep_specs(tmp_path):
+    study = _study()
+    args = study.parse_args(["--out", str(tmp_path), "--seeds", "0", "1", "2", "--sweep", "--max-iter", "7"])
+    specs = study.study_specs(args, 3, {})
+    # per detector: one float run (phase 0), 3 methods x 3 seeds (phase 1); 12 sweep cells
+    assert [s["run"] for s in specs if s["phase"] == 0] == ["fp", "fp"]
+    binary = [s for s in specs if s["run"] in ("xnor", "bidet", "autobidet")]
+    assert len(binary) == 2 * 3 * 3 and {s["seed"] for s in binary} == {0, 1, 2}
+    assert {s["gan_every"] for s in binary if s["run"] == "autobidet"} == {3}
+    assert {s["gan_every"] for s in binary if s["run"] != "autobidet"} == {1}
+    sweep = [s for s in specs if "beta" in s]
+    assert len(sweep) == 12 and {s["beta"] for s in sweep} == {0.1, 1.0, 10.0, 100.0}
+    # eq. 7's balance in the sweep: GAMMA = gamma / Z, Z = 1 / FEATURE_WEIGHT of the config
+    z = 1.0 / study._feature_weight(study.RUNS["ssd"][2][2])
+    cell = [s for s in sweep if s["beta"] == 0.1 and s["gamma"] == 2.0][0]
+    cfg = study.build_cfg(cell)
+    assert cfg.MODEL.BIDET.BETA == 0.1 and cfg.MODEL.BIDET.GAMMA == pytest.approx(2.0 / z)
+    assert cfg.SOLVER.MAX_ITER == 7 and cell["weights"].endswith("ssd/fp/seed0/model_final.pth")
+
+
+def test_summary_mean_and_spread():
+    study = _study()
+    specs = [{"detector": "c4", "run": "xnor", "config": "x", "seed": s} for s in (0, 1, 2)]
+    results = [{"AP50": 40.0, "FP": 10.0, "iters": 5}, {"AP50": 42.0, "FP": 14.0, "iters": 5},
+               {"AP50": 44.0, "FP": 12.0, "iters": 5}]
+    g = study.summarize(specs, results)["groups"][0]
+    assert g["seeds"] == [0, 1, 2] and g["mean"]["AP50"] == 42.0 and g["std"]["AP50"] == 2.0
+    assert g["mean"]["FP"] == 12.0 and g["std"]["FP"] == 2.0
+    assert "| c4 | Xnor-Net | 3 | 5 | 42.0 ± 2.0 |" in study.table({"groups": [g]})
+
+
+def test_gan_every_auto_and_budget_from_calibration(tmp_path):
+    study = _study()
+    calib = {f"{d}/{r}": v for d in ("c4", "ssd") for r, v in (
+        ("fp_gan1", 0.05), ("xnor_gan1", 0.10), ("bidet_gan1", 0.11),
+        ("autobidet_gan1", 0.25), ("autobidet_gan0", 0.12))}
+    # c0 + (c1 - c0) / k <= 1.5 * 0.10: k >= 0.13 / 0.03 -> 5
+    assert study.choose_gan_every(calib, ["c4", "ssd"]) == 5
+    assert 0.12 + 0.13 / 5 <= 1.5 * 0.10 < 0.12 + 0.13 / 4
+    with pytest.raises(SystemExit, match="without GAN rounds"):
+        study.choose_gan_every(dict(calib, **{"c4/autobidet_gan0": 0.2}), ["c4"])
+    args = study.parse_args(["--out", str(tmp_path), "--seeds", "0", "1", "2", "--sweep", "--budget-s", "600",
+                             "--jobs", "6", "--eval-s", "20"])
+    it = study.plan_iterations(calib, args, 5)
+    n = it["main"]
+    assert it == {"fp": 2 * n, "main": n, "sweep": n // 2}
+    # the plan's own estimate of the run fits the budget: startup + evals + iterations
+    auto = 0.12 + 0.13 / 5
+    per_iter = 2 * 0.05 + (2 * 3 * (0.10 + 0.11 + auto) + 0.11 * 0.5 * 12) / 6
+    fixed = 2 * study.STARTUP_S + 20 * (2 + (2 * 10 + 12 - 2) / 6)
+    assert fixed + n * per_iter <= 600 < fixed + (n + 1) * per_iter
+    with pytest.raises(SystemExit, match="iterations per run"):
+        study.plan_iterations(calib, study.parse_args(["--out", str(tmp_path), "--budget-s", "50"]), 1)
 
 
 def test_overrides_swallowed_by_only_are_an_error(tmp_path):
-    import pytest
-
     study = _study()
-    args = study.parse_args(["--out", str(tmp_path), "--only", "fp", "xnor", "--seed", "0", "SOLVER.BASE_LR", "0.1"])
-    assert args.only == ["fp", "xnor"] and args.opts == ["SOLVER.BASE_LR", "0.1"]
+    args = study.parse_args(["--out", str(tmp_path), "--only", "xnor", "--max-iter", "3", "SOLVER.BASE_LR", "0.1"])
+    assert args.only == ["xnor"] and args.opts == ["SOLVER.BASE_LR", "0.1"]
     with pytest.raises(SystemExit, match=r"unknown run\(s\) \['SOLVER.BASE_LR', '0.1'\]"):
-        study.main(["--out", str(tmp_path), "--only", "fp", "SOLVER.BASE_LR", "0.1"])
-    assert not any(tmp_path.iterdir())  # nothing ran
+        study.main(["--out", str(tmp_path), "--only", "xnor", "SOLVER.BASE_LR", "0.1"])
+    with pytest.raises(SystemExit, match="--calibrate first"):
+        study.main(["--out", str(tmp_path), "--gan-every", "auto"])
+    assert not any(p.suffix == ".json" for p in tmp_path.rglob("*"))  # nothing ran
