@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.quant_helpers import skip_old_triton_interpreter
 import torch.nn.functional as F
 from torch import nn
 
@@ -29,15 +31,6 @@ from aqd_d2.quantization import build_quantizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def _skip_old_interpreter() -> None:
-    """Triton 3.6's interpreter fails on the kernels' loops over a runtime bound (seen on
-    the GPU machine: "only 0-dimensional arrays can be converted to Python scalars"); the
-    compiled kernels work there (GPU tests). 3.8's interpreter runs them."""
-    import triton
-
-    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 8):
-        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels (needs 3.8+)")
 
 # (weight method, bits, kwargs), (activation method, bits) for each layer of the test net
 SPECS = [
@@ -118,7 +111,7 @@ def test_host_flags_follow_buffer_writes():
 
 def test_fused_interpreted_step_reads_nothing_from_the_device():
     pytest.importorskip("triton")
-    _skip_old_interpreter()
+    skip_old_triton_interpreter()
     code = (
         "import torch\n"
         "from tests.layers.test_no_host_sync import make, step, set_mode\n"

@@ -16,19 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.quant_helpers import skip_old_triton_interpreter
+
 from tests.quantization.triton_equal_cases import case_names
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def _skip_old_interpreter() -> None:
-    """Triton 3.6's interpreter fails on the kernels' loops over a runtime bound (seen on
-    the GPU machine: "only 0-dimensional arrays can be converted to Python scalars"); the
-    compiled kernels work there (GPU tests). 3.8's interpreter runs them."""
-    import triton
-
-    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 8):
-        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels (needs 3.8+)")
 
 try:
     import triton  # noqa: F401
@@ -42,7 +35,7 @@ pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed
 
 @pytest.fixture(scope="module")
 def interpreted_results():
-    _skip_old_interpreter()
+    skip_old_triton_interpreter()
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     proc = subprocess.run(
