@@ -138,6 +138,7 @@ class QuantPolicy:
     w_kwargs: Dict[str, Any] = field(default_factory=dict)
     a_kwargs: Dict[str, Any] = field(default_factory=dict)
     fused_kernels: str = "auto"  # MODEL.QUANT.FUSED_KERNELS, set on every quantizer built
+    integer_eval: str = "auto"  # MODEL.QUANT.INTEGER_EVAL, set on every quantizer built
     check_methods: bool = field(default=True, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -184,6 +185,7 @@ class QuantPolicy:
             w_kwargs=_parse_kwargs(q.W_KWARGS, "MODEL.QUANT.W_KWARGS"),
             a_kwargs=_parse_kwargs(q.A_KWARGS, "MODEL.QUANT.A_KWARGS"),
             fused_kernels=str(q.get("FUSED_KERNELS", "auto")),
+            integer_eval=str(q.get("INTEGER_EVAL", "auto")),
             check_methods=check_methods,
         )
 
@@ -217,6 +219,7 @@ class QuantPolicy:
         for q in (wq, aq):
             if q is not None:
                 q.set_fused_kernels(self.fused_kernels)
+                q.set_integer_eval(self.integer_eval)
         return wq, aq
 
     # ---- validation --------------------------------------------------------------------------

@@ -194,9 +194,11 @@ def bench_end_to_end(shape, repeats: int, stages: bool = True, profile: bool = F
         extra = FLOAT_OPTS if name == "float" else []
         model = calibrate_bn(build(rel, opts + extra), batch)
         # the old path (detectron2 ROIPooler + F.linear), same weights, for the stage table
-        old_paths[name], _ = convert_for_inference(model, roi_pooler=False, float_linear=False)
-        model, report = convert_for_inference(model, inplace=True, roi_pooler=True, float_linear="auto",
-                                              example_inputs=batch)
+        # fold_bn: every model's float convs get their BN folded (the fastest float path; the
+        # default keeps it a module so the deployed model equals the trained one bit for bit)
+        old_paths[name], _ = convert_for_inference(model, fold_bn=True, roi_pooler=False, float_linear=False)
+        model, report = convert_for_inference(model, inplace=True, fold_bn=True, roi_pooler=True,
+                                              float_linear="auto", example_inputs=batch)
         models[name] = model
         onednn = [r[0] for r in report.rows if r[1] == "float (oneDNN)"]
         print(f"{name}: {report.count('binary')} binary layers, "

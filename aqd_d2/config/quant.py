@@ -97,6 +97,12 @@ def add_config(cfg: CN) -> None:
     # formulas and gradients; "off" always uses the eager PyTorch kernels. CPU tensors
     # always use the eager kernels.
     _C.MODEL.QUANT.FUSED_KERNELS = "auto"
+    # Eval-mode arithmetic of quantized layers (aqd_d2.layers.integer_eval): "auto" sums the
+    # integer codes exactly and applies scales and the folded BN afterwards, as the deployed
+    # CPU kernels do, on CPU tensors (so a deployed model gives the trained model's detections
+    # bit for bit); "on" also on CUDA; "off" keeps the fake-quant float convolution in eval.
+    # Training is not affected.
+    _C.MODEL.QUANT.INTEGER_EVAL = "auto"
 
 
 def validate(cfg: CN) -> None:
@@ -110,5 +116,6 @@ def validate(cfg: CN) -> None:
     from ..quant_policy import QuantPolicy
 
     check_choice(cfg, "MODEL.QUANT.FUSED_KERNELS", FUSED_KERNELS_CHOICES)
+    check_choice(cfg, "MODEL.QUANT.INTEGER_EVAL", ("auto", "on", "off"))
 
     QuantPolicy.from_config(cfg, check_methods=bool(cfg.MODEL.QUANT.ENABLED))

@@ -286,7 +286,11 @@ def _binary_conv2d_torch(x, packed, stride, padding, dilation) -> torch.Tensor:
         y = y * packed.alpha.view(1, -1, 1, 1)
     if packed.bias is not None:
         y = y + packed.bias.view(1, -1, 1, 1)
-    return y
+    # x's memory format, as the C++ kernel (F.conv2d may pick channels_last for a 1x1 weight
+    # whose strides are ambiguous; a float layer after this one would then round differently)
+    from aqd_d2.layers.integer_eval import kernel_memory_format
+
+    return y.contiguous(memory_format=kernel_memory_format(x))
 
 
 def pack_input(x: torch.Tensor, padding: IntPair = 0, *, isa: Optional[str] = None) -> torch.Tensor:

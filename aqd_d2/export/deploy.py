@@ -29,19 +29,22 @@ and training, or after :func:`load_for_inference` read a packed file):
   (:mod:`.float_linear`). ``roi_pooler``: detectron2's ROIAlign(V2) ``ROIPooler`` -> fused
   :class:`~aqd_d2.export.roi_pooler.FastROIPooler` (bit-identical), float and quantized models.
 
-BN folding (``fold_bn=True``): a conv's own eval-mode ``norm`` (``BatchNorm2d``,
-detectron2's ``FrozenBatchNorm2d`` / ``NaiveSyncBatchNorm``, ``SyncBatchNorm``) is folded into
-the per-channel output scale and bias of binary and int8 layers, and into the weight and bias
-of float convs. This is exact in real arithmetic (BN directly follows the conv, nothing in
-between); in float32 it changes rounding, typically at the 1e-6 relative level. Norms of other
-kinds (GN, multi-level BN, which are separate modules) are kept as modules.
+BN folding. The eval-mode batch norm of a binary or int8 layer is folded into its per-channel
+output scale and bias with the constants the trained layer's own eval mode uses
+(:mod:`aqd_d2.layers.integer_eval`: ``(a, b)`` read off the norm's forward). ``fold_bn=True``
+also folds BN into float convs (faster, but float32 rounding then differs from the trained model).
+Norms of other kinds (GN, multi-level BN, which are separate modules) are kept as modules.
 
-Agreement with the fake-quantized model: the integer parts (popcounts, int32 accumulators)
-are exact; the float scaling is evaluated in a different order than the float convolution of
-fake-quantized tensors, so outputs agree to float32 rounding (about 1e-6 relative). A rounding
-difference can move a value across a quantizer threshold of the next layer; that changes
-single activations by one step, so detections agree in practice up to small score/box
-differences (tests/export/test_deploy.py checks boxes and scores on the embedded dataset).
+Agreement with the trained (fake-quantized) model: in eval mode without autograd, a quantized
+layer of the trained model computes its *integer form* (:mod:`aqd_d2.layers.integer_eval`):
+the integer codes summed exactly, then the same float32 epilogue as the deployed kernel, with
+the same constants. Every kernel module made here computes exactly that (the popcount and the
+int32 accumulator are exact; the epilogues are the same float32 operations in the same order),
+a fallback layer keeps its codes and runs the same integer form, and float layers are kept as
+they are (``fold_bn`` and ``float_linear`` off, the default). So every activation code of the
+deployed model equals the trained model's, and the detections are bit-identical
+(tests/export/test_deployed_equals_trained.py, after a real short training, on the AVX2 and
+AVX-512 kernels).
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ from torch import nn
 
 from aqd_d2.convert import replace_module_references
 from aqd_d2.layers import QConv2d, QLinear, QuantLayerMixin
+from aqd_d2.layers.integer_eval import fold_norm, integer_plan
 
 from .binary_conv import BinaryConv2dInference, binary_conv2d
 from .float_linear import convert_float_linears
@@ -222,41 +226,43 @@ def _why_not_int8(layer: nn.Module, bits: int) -> Optional[str]:
 
 
 def _freeze_weight(layer: QuantLayerMixin, enc) -> None:
-    """Fallback: write the fake-quantized weight once and disable the weight quantizer."""
+    """Fallback: write the fake-quantized weight once (``decode(encode(W))`` equals the weight
+    quantizer's output bit for bit), keep the codes as ``layer.integer_encoding`` (the layer's
+    eval-mode integer form, :mod:`aqd_d2.layers.integer_eval`, computes with them: the same
+    arithmetic as the trained layer) and disable the weight quantizer."""
     if enc is not None:
-        codes, step, offset, _ = enc
+        codes, step, offset, bits = enc
+        codes = codes.to(layer.weight.device).view_as(layer.weight)
         with torch.no_grad():
-            layer.weight = nn.Parameter(layer.weight_quantizer.decode(codes.to(layer.weight.device).view_as(layer.weight),
-                                                                      step, offset).to(layer.weight.dtype),
+            layer.weight = nn.Parameter(layer.weight_quantizer.decode(codes, step, offset).to(layer.weight.dtype),
                                         requires_grad=False)
+        layer.integer_encoding = (codes, step, offset, bits)
         layer.weight_quantizer.set_enabled(False)
 
 
-def _convert_layer(name: str, layer: nn.Module, enc, fold_bn: bool, int8: bool):
-    """``(new module or None, kind, detail)`` for one quantized layer."""
+def _convert_layer(name: str, layer: nn.Module, enc, int8: bool):
+    """``(new module or None, kind, detail)`` for one quantized layer. A kernel module computes
+    the layer's eval-mode integer form (:func:`aqd_d2.layers.integer_eval.integer_plan`: the
+    same codes, the same constants with the same folded norm), so it gives the trained
+    layer's outputs bit for bit."""
     bits = enc[3] if enc is not None else 32
     norm = getattr(layer, "norm", None)
     act = getattr(layer, "activation", None)
-    bn = _bn_affine(norm) if fold_bn else None
-    bias = layer.bias.detach() if layer.bias is not None else None
+    plan = integer_plan(layer, enc) if enc is not None else None
+    folded = ", BN folded" if plan is not None and plan.norm is None and norm is not None else ""
     if enc is not None and _why_not_binary(layer, bits) is None:
-        codes, step, offset, _ = enc
-        alpha = (-offset.detach().float()).reshape(-1).expand(layer.weight.shape[0]).clone()
-        if not torch.equal(step.detach().float().reshape(-1).expand_as(alpha), 2 * alpha):
+        if plan is None or plan.kind != "binary":
             return None, "fake-quant weight frozen", "weight encoding is not a scaled sign"
-        signs = codes.to(torch.float32) * 2 - 1
         if isinstance(layer, QLinear):
-            if bn is not None or norm is not None:
+            if norm is not None:
                 return None, "fake-quant weight frozen", "linear with norm"
-            return BinaryLinearInference(signs, alpha, bias, act), "binary", "popcount (1x1 conv)"
-        if bn is not None:
-            b = bias if bias is not None else torch.zeros_like(alpha)
-            alpha, bias, norm = alpha * bn[0], b * bn[0] + bn[1], None
+            return BinaryLinearInference(plan.weight, plan.alpha, plan.bias, act), "binary", "popcount (1x1 conv)"
         stride, padding, dilation = _geometry(layer)
-        mod = BinaryConv2dInference(signs, alpha, bias, stride, padding, dilation, 1, norm, act)
-        return mod, "binary", "popcount" + (", BN folded" if bn is not None else "")
-    if enc is not None and int8 and _why_not_int8(layer, bits) is None:
+        mod = BinaryConv2dInference(plan.weight, plan.alpha, plan.bias, stride, padding, dilation, 1, plan.norm, act)
+        return mod, "binary", "popcount" + folded
+    if enc is not None and int8 and _why_not_int8(layer, bits) is None and plan is not None and plan.kind == "kbit":
         codes, step, offset, _ = enc
+        bias = layer.bias.detach() if layer.bias is not None else None
         if isinstance(layer, QLinear):
             if norm is not None:
                 return None, "fake-quant weight frozen", "linear with norm"
@@ -266,8 +272,8 @@ def _convert_layer(name: str, layer: nn.Module, enc, fold_bn: bool, int8: bool):
             stride, padding, dilation = _geometry(layer)
             mod = Int8ConvInference(codes.reshape(layer.weight.shape), step, offset, bits,
                                     layer.input_quantizer, bias, stride, padding, dilation,
-                                    bn=bn, norm=norm, activation=act)
-        return mod, "int8", f"int8 W{bits}/A{int(layer.input_quantizer.bits)}" + (", BN folded" if bn is not None else "")
+                                    bn=fold_norm(layer), norm=norm, activation=act)
+        return mod, "int8", f"int8 W{bits}/A{int(layer.input_quantizer.bits)}" + folded
     reason = "float weight" if enc is None else (_why_not_binary(layer, bits) if bits == 1 else
                                                   (_why_not_int8(layer, bits) if int8 else "int8 off"))
     return None, "fake-quant weight frozen", str(reason)
@@ -288,14 +294,13 @@ def _fold_float_conv(conv: nn.Conv2d) -> bool:
     return True
 
 
-def _route_int8(layer: nn.Module, enc, int8_mod: nn.Module, x: torch.Tensor, fold_bn: bool,
+def _route_int8(layer: nn.Module, enc, int8_mod: nn.Module, x: torch.Tensor,
                 min_speedup: float, detail: str):
     """Keep ``int8_mod`` if it is measured at least ``min_speedup`` times faster than the
-    fallback (the layer with its weight frozen, BN folded) on input ``x`` (:mod:`.routing`)."""
+    fallback (the layer with its weight frozen: its integer form in a float convolution) on
+    input ``x`` (:mod:`.routing`)."""
     fallback = copy.deepcopy(layer).eval()
     _freeze_weight(fallback, enc)
-    if fold_bn and isinstance(fallback, QConv2d):
-        _fold_float_conv(fallback)
     speedup = measure_speedup(lambda: int8_mod(x), lambda: fallback(x))
     if speedup >= min_speedup:
         return int8_mod, "int8", f"{detail}, measured {speedup:.2f}x"
@@ -306,7 +311,7 @@ def _route_int8(layer: nn.Module, enc, int8_mod: nn.Module, x: torch.Tensor, fol
 def convert_for_inference(
     model: nn.Module,
     *,
-    fold_bn: bool = True,
+    fold_bn: bool = False,
     int8: Union[bool, str] = True,
     inplace: bool = False,
     encodings: Optional[Dict[str, Encoding]] = None,
@@ -319,7 +324,10 @@ def convert_for_inference(
 
     Args:
         model: a (fake-)quantized model, e.g. built from a config and loaded from a checkpoint.
-        fold_bn: fold eval-mode BN into the preceding conv (binary, int8 and float convs).
+        fold_bn: also fold eval-mode BN into *float* convs (and into quantized layers without an
+            integer form): faster, but it changes float32 rounding, so the deployed model no
+            longer gives the trained model's outputs bit for bit. The BN of a quantized layer
+            with an integer form is always folded, as that layer's eval mode folds it.
         int8: ``True``: run every qualifying k-bit layer on the int8 GEMM path; ``False``:
             frozen fake-quant; ``"auto"``: per layer, whichever is measured faster on the
             input it receives from ``example_inputs`` (:mod:`.routing`); layers the example
@@ -359,13 +367,15 @@ def convert_for_inference(
     for name, m in list(model.named_modules()):
         if isinstance(m, (QConv2d, QLinear)):
             enc = _encoding(name, m, encodings)
-            new, kind, detail = _convert_layer(name, m, enc, fold_bn, bool(int8))
+            new, kind, detail = _convert_layer(name, m, enc, bool(int8))
             if kind == "int8" and name in layer_inputs:
-                new, kind, detail = _route_int8(m, enc, new.eval(), layer_inputs[name], fold_bn,
+                new, kind, detail = _route_int8(m, enc, new.eval(), layer_inputs[name],
                                                 int8_min_speedup, detail)
             if new is None:
                 _freeze_weight(m, enc)
-                if fold_bn and isinstance(m, QConv2d) and _fold_float_conv(m):
+                if integer_plan(m) is not None:
+                    detail += ", integer form"
+                elif fold_bn and isinstance(m, QConv2d) and _fold_float_conv(m):
                     detail += ", BN folded"
             else:
                 mapping[id(m)] = new.eval()

@@ -39,6 +39,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from aqd_d2.layers.integer_eval import int8_constants, int8_epilogue
+
 from ._ext_build import OPS_NAMESPACE, load_extension
 
 __all__ = [
@@ -185,12 +187,10 @@ class Int8ConvInference(nn.Module):
         # [K, O+1] int8, K ordered (kh, kw, c) to match the NHWC im2col
         w = codes.to(torch.int16) - half
         w = w.reshape(o, -1) if self.linear else w.permute(0, 2, 3, 1).reshape(o, -1)
-        step = step.detach().double().reshape(-1).expand(o)
-        offset = offset.detach().double().reshape(-1).expand(o)
-        wscale, wshift = step, offset + step * half
+        # the constants of the eval-mode integer form of the trained layer (the same function):
         # the all-ones column (receptive-field sum S) only where the grid is not symmetric
         # about 0 (e.g. LIQ's weight grid; LSQ / DoReFa / TWN / binary grids are symmetric)
-        self.has_sum_column = bool((wshift != 0).any())
+        wscale, wshift, bias_f, self.has_sum_column = int8_constants(step, offset, bits, o, bias, bn)
         if self.has_sum_column:
             w = torch.cat([w, torch.ones(1, w.shape[1], dtype=torch.int16)], 0)
         self.register_buffer("weight_int8", w.t().contiguous().to(torch.int8))
@@ -207,13 +207,9 @@ class Int8ConvInference(nn.Module):
         wsum = torch.zeros(ov * LANES, dtype=torch.int32)
         wsum[:cols] = w.sum(1).to(torch.int32)
         self.register_buffer("weight_sum", wsum, persistent=False)
-        bias_d = bias.detach().double() if bias is not None else torch.zeros(o, dtype=torch.float64)
-        if bn is not None:  # (s_w A + o'_w S) s_x + b, then * scale + shift
-            wscale, wshift = wscale * bn[0].double(), wshift * bn[0].double()
-            bias_d = bias_d * bn[0].double() + bn[1].double()
-        self.register_buffer("w_scale", wscale.float())
-        self.register_buffer("w_shift", wshift.float())
-        self.register_buffer("bias", bias_d.float())
+        self.register_buffer("w_scale", wscale)
+        self.register_buffer("w_shift", wshift)
+        self.register_buffer("bias", bias_f)
         self.input_quantizer = copy.deepcopy(input_quantizer).eval()
         self.norm = None if bn is not None else copy.deepcopy(norm)
         self.activation = copy.deepcopy(activation)
@@ -296,11 +292,7 @@ class Int8ConvInference(nn.Module):
                     (hp * wp * c, sh * wp * c, sw * c, dh * wp * c, dw * c, 1),
                 ).reshape(n * oh * ow, kh * kw * c)
         acc = torch._int_mm(cols, self.weight_int8).float()
-        if self.has_sum_column:
-            y = torch.addcmul(self.bias, acc[:, :o], self.w_scale * sx)
-            y.addcmul_(acc[:, o:], self.w_shift * sx)
-        else:
-            y = torch.addcmul(self.bias, acc, self.w_scale * sx)
+        y = int8_epilogue(acc, self.w_scale, self.w_shift, self.bias, sx, self.has_sum_column)
         if self.linear:
             return y.reshape(*lead, o)
         return y.view(n, oh, ow, o).permute(0, 3, 1, 2)  # channels_last memory

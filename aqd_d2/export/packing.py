@@ -318,8 +318,9 @@ def load_packed(model: nn.Module, path: str) -> List[str]:
     """Load a packed checkpoint into a model of the same architecture (converted the same way).
 
     Packed weights are decoded into the layers' ``weight`` and their weight quantizers are
-    disabled (see module docstring), so the model's outputs equal those of the saved
-    fake-quantized model. Norms stored as affine maps (version 3) get the state that computes
+    disabled (see module docstring), and the codes are kept as the layer's
+    ``integer_encoding`` (its eval-mode integer form, :mod:`aqd_d2.layers.integer_eval`, uses
+    them), so the model's outputs equal those of the saved fake-quantized model. Norms stored as affine maps (version 3) get the state that computes
     the same outputs (:mod:`.bn_affine`). Everything else is loaded with
     ``load_state_dict(strict=True)``.
 
@@ -345,6 +346,7 @@ def load_packed(model: nn.Module, path: str) -> List[str]:
         )
     modules = dict(model.named_modules())
     state = dict(blob["tensors"])
+    encodings = {}
     for name, entry in blob["packed"].items():
         layer = modules.get(name)
         if not isinstance(layer, QuantLayerMixin) or layer.weight_quantizer is None:
@@ -356,6 +358,12 @@ def load_packed(model: nn.Module, path: str) -> List[str]:
             raise PackedCheckpointError(f"{path}: packed layer {name!r}: {e}") from None
         w = layer.weight_quantizer.decode(codes.view(entry["shape"]), entry["step"], entry_offset(entry))
         state[f"{name}.weight"] = w.to(getattr(torch, entry["dtype"]))
+        encodings[name] = (codes.view(entry["shape"]), entry["step"], entry_offset(entry), int(entry["bits"]))
     state.update(_norm_state(path, modules, blob.get("norms", {})))
     model.load_state_dict(state, strict=True)
+    for name, (codes, step, offset, bits) in encodings.items():
+        # the layer's eval-mode integer form computes with the file's codes, as the trained
+        # layer did with its own (aqd_d2.layers.integer_eval)
+        dev = modules[name].weight.device
+        modules[name].integer_encoding = (codes.to(dev), torch.as_tensor(step).to(dev), torch.as_tensor(offset).to(dev), bits)
     return list(blob["packed"])

@@ -22,6 +22,10 @@ conv runs as ``aqd_d2.quantization.quant_conv2d``: the same values, as one autog
 saves only ``x``, ``W`` and the quantizer parameters for backward (the quantized operands are
 recomputed), instead of keeping both ``x`` and ``Q_x(x)`` alive. Other quantizers (anything
 implementing only ``quantize``) and non-"zeros" padding modes use the plain composition.
+
+Eval mode without autograd: a qualifying layer sums the integer codes exactly and applies its
+scales (and its batch norm, folded) afterwards, as the deployed kernels do, so the deployed
+model gives the trained model's detections (:mod:`aqd_d2.layers.integer_eval`).
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from aqd_d2.quantization import Quantizer
 
 from aqd_d2.quantization import quant_conv2d, xnor_activation_scale
 
+from .integer_eval import integer_forward
 from .quant_layer import QuantLayerMixin
 
 __all__ = ["QConv2d"]
@@ -153,6 +158,10 @@ class QConv2d(QuantLayerMixin, Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (N, C_in, H, W). Returns: (N, C_out, H_out, W_out)."""
+        if not self.training:  # eval without autograd: the deployed kernels' arithmetic
+            out = integer_forward(self, x)
+            if out is not None:
+                return out
         scale, ready = self._layer_flags()
         if scale:
             out = self._quant_conv(x, None, ready) * self._activation_scale(x, self._explicit_padding())

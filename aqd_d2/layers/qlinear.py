@@ -9,6 +9,9 @@ Forward, for input ``x`` of shape (..., in_features)::
 
 ``norm`` and ``activation`` mirror ``detectron2.layers.Conv2d`` so both quantized layers
 carry the same extras; they are None when converted from a plain ``nn.Linear``.
+
+Eval mode without autograd: a qualifying layer computes in integer form, as the deployed
+kernels do (:mod:`aqd_d2.layers.integer_eval`).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from aqd_d2.quantization import Quantizer
 
 from aqd_d2.quantization import quant_linear
 
+from .integer_eval import integer_forward
 from .quant_layer import QuantLayerMixin
 
 __all__ = ["QLinear"]
@@ -99,6 +103,10 @@ class QLinear(QuantLayerMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (..., in_features). Returns: (..., out_features)."""
+        if not self.training:  # eval without autograd: the deployed kernels' arithmetic
+            out = integer_forward(self, x)
+            if out is not None:
+                return out
         scale, ready = self._layer_flags()
         bias = None if scale else self.bias
         if ready:

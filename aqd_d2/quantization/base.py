@@ -88,8 +88,8 @@ class CachedWeight:
 
 
 def clear_weight_caches(module: nn.Module) -> int:
-    """Drop the cached quantized weight of every quantizer in ``module``; returns how many
-    were held. Needed only after a write the version counters do not see (see
+    """Drop the cached quantized weight of every quantizer in ``module`` (and every quantized
+    layer's eval-mode integer plan); returns how many were held. Needed only after a write the version counters do not see (see
     :meth:`Quantizer.cached_weight`): e.g. ``p.data.copy_(...)`` or a raw ``dist.broadcast``
     into a weight or a quantizer parameter."""
     n = 0
@@ -97,6 +97,9 @@ def clear_weight_caches(module: nn.Module) -> int:
         if isinstance(m, Quantizer):
             n += m._wcache is not None
             m._wcache = None
+        # a quantized layer's eval-mode integer plan (aqd_d2.layers.integer_eval) is another
+        # cache of the same state
+        n += m.__dict__.pop("_integer_plan", None) is not None
     return n
 
 
@@ -132,6 +135,10 @@ class Quantizer(nn.Module):
     #: (activation quantizers) ask the layer for XNOR's activation scale K; XNORQuantizer
     #: sets it per instance. A class default, so layers read it without a failed lookup.
     scale_activations: bool = False
+    #: (activation quantizers) eval-mode integer arithmetic of the layer this quantizer feeds
+    #: (aqd_d2.layers.integer_eval): "auto" on CPU tensors, "on" on any device, "off" never.
+    #: Set from MODEL.QUANT.INTEGER_EVAL; a runtime choice, not checkpointed.
+    integer_eval: str = "auto"
 
     def __init__(self, bits: int, role: str = "weight"):
         super().__init__()
@@ -287,6 +294,12 @@ class Quantizer(nn.Module):
             raise ValueError(f"fused_kernels must be 'auto', 'off' or 'force', got {mode!r}")
         self.fused_kernels = mode
         self._wcache = None
+
+    def set_integer_eval(self, mode: str) -> None:
+        """``"auto"`` / ``"on"`` / ``"off"``, see ``integer_eval``."""
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"integer_eval must be 'auto', 'on' or 'off', got {mode!r}")
+        self.integer_eval = mode
 
     def kernel_for(self, x: torch.Tensor) -> Optional[QuantKernel]:
         """The kernel that quantizes ``x``: the Triton one where ``fused_kernels`` and the

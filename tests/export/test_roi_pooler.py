@@ -222,8 +222,8 @@ def test_converted_float_faster_rcnn_same_detections():
     batch = [{"image": torch.rand(3, 64, 64, generator=g) * 255, "height": 64, "width": 64},
              {"image": torch.rand(3, 64, 48, generator=g) * 255, "height": 64, "width": 48}]
     with torch.no_grad():
-        dep, report = convert_for_inference(model, float_linear=True, example_inputs=batch)
-        same_float, _ = convert_for_inference(model, float_linear=True, roi_pooler=False)
+        dep, report = convert_for_inference(model, float_linear=True, fold_bn=True, example_inputs=batch)
+        same_float, _ = convert_for_inference(model, float_linear=True, fold_bn=True, roi_pooler=False)
         ref, out = same_float(batch), dep(batch)
     kinds = {r[1] for r in report.rows}
     assert type(dep.roi_heads.box_pooler) is FastROIPooler or not rp._use_fused()

@@ -54,7 +54,11 @@ def test_auto_routing_outcomes_compute_the_same(min_speedup, kind):
     assert all("measured" in d for d in details), details
     if kind is QConv2d:
         assert all(r[1] == "fake-quant weight frozen" and "< infx" in r[2] for r in report.rows)
-        assert not dep[0].weight_quantizer.is_enabled and dep[0].norm is None  # frozen + BN folded
+        # frozen: the codes kept for the layer's integer form (which folds the BN itself)
+        assert not dep[0].weight_quantizer.is_enabled and dep[0].integer_encoding is not None
+    # either outcome is the trained layer's eval-mode arithmetic, bit for bit
+    with torch.no_grad():
+        assert torch.equal(hidden, m[0](x)) and torch.equal(out, m[1](hidden))
     # each layer against the fake-quantized layer computed exactly, on the input it receives
     # (tests/export/exact_reference.py: the int8 path rounds only in its epilogue, the frozen
     # float conv within the float32 bound of its dot products, on any CPU)

@@ -49,11 +49,13 @@ def _learned(layer):
             for p in q.parameters(recurse=False)]
 
 
-def make(spec, kind: str, device: str, seed: int = 0):
+def make(spec, kind: str, device: str, seed: int = 0, integer_eval: str = "off"):
     (wm, wb, wkw), a = spec
     torch.manual_seed(seed)
     wq = build_quantizer(wm, wb, "weight", **wkw)
     aq = None if a is None else build_quantizer(a[0], a[1], "activation")
+    if aq is not None:  # these tests are about the fake-quant path (eval: its cached weight)
+        aq.set_integer_eval(integer_eval)
     if kind == "conv":
         layer = QConv2d(4, 6, 3, padding=1, bias=True, weight_quantizer=wq, input_quantizer=aq)
         x = torch.randn(2, 4, 7, 6)
@@ -255,3 +257,42 @@ def test_training_with_cache_equals_without(spec, kind, device, monkeypatch):
     assert len(cached) == len(plain)
     for a, b in zip(cached, plain):
         assert same(a, b)
+
+
+# ---- the eval-mode integer plan (aqd_d2.layers.integer_eval) is never stale either ----------
+INTEGER_SPECS = [s for s in SPECS if s[1] is not None and s[0][0] != "xnor"]  # (XNOR's K: no integer form)
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("spec", INTEGER_SPECS, ids=lambda s: f"{s[0][0]}{s[0][1]}")
+def test_integer_plan_equals_fresh_plan_after_every_change(spec, kind):
+    layer, x = make(spec, kind, "cpu", integer_eval="auto")
+    layer.eval()
+
+    def check_plan():
+        with torch.no_grad():
+            y = layer(x)
+        plan = layer.__dict__.get("_integer_plan")
+        assert plan is not None and plan[1] is not None  # the integer form ran
+        assert same(y, uncached(layer, x))  # a deep copy's plan is rebuilt from its state
+        return y
+
+    y0 = check_plan()
+    with torch.no_grad():
+        layer.weight.mul_(0.5)
+    check_plan()
+    with torch.inference_mode():
+        layer.weight.add_(0.25)
+    check_plan()
+    for p in _learned(layer):
+        with torch.no_grad():
+            p.mul_(1.5)
+        check_plan()
+    other, _ = make(spec, kind, "cpu", seed=1, integer_eval="auto")
+    layer.load_state_dict(other.state_dict())
+    assert same(check_plan(), uncached(other.eval(), x))
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone() * -1.0)
+    check_plan()
+    layer.weight.data.mul_(2.0)  # invisible to version counters: clear_weight_caches
+    assert clear_weight_caches(layer) >= 1
+    assert not same(check_plan(), y0)
