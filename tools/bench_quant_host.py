@@ -108,6 +108,10 @@ def main(argv=None) -> int:
             for m in layer.modules():
                 if hasattr(m, "set_fused_kernels"):
                     m.set_fused_kernels(("auto" if cuda else "force") if path == "fused" else "off")
+                if hasattr(m, "set_integer_eval") and path == "fused":
+                    # CPU tensors stand in for CUDA ones: eval runs the fake-quant path there
+                    # (MODEL.QUANT.INTEGER_EVAL auto is for CPU tensors only)
+                    m.set_integer_eval("off")
             layer.to(args.device)
             x = torch.randn(*shape, device=args.device, requires_grad=True)
 
