@@ -150,10 +150,11 @@ def prepare(args):
     return cfg
 
 
-def setup(args):
+def setup(args, prepare_fn=None):
     """Config from ``--config-file`` and the trailing overrides, validated and frozen;
-    detectron2's ``default_setup`` (output folder, logging, seeds)."""
-    cfg = prepare(args)
+    detectron2's ``default_setup`` (output folder, logging, seeds). ``prepare_fn`` replaces
+    :func:`prepare` (another program's datasets, e.g. ``tools/pretrain_backbone.py``)."""
+    cfg = (prepare_fn or prepare)(args)
     cfg.freeze()
     default_setup(cfg, args)
     # detectron2's default_setup logs only the "detectron2" and "fvcore" loggers; aqd_d2's own
@@ -198,21 +199,24 @@ def _one_image_batch_norm_error(cfg, err: ValueError) -> ConfigError:
         "SOLVER.IMS_PER_BATCH or use fewer processes) or synchronised BN (naiveSyncBN)")
 
 
-def main(args):
-    cfg = setup(args)
+def main(args, trainer_cls=None, setup_fn=None):
+    """Train (or ``--eval-only`` evaluate) in this process; ``trainer_cls`` (default
+    :class:`Trainer`) and ``setup_fn`` (default :func:`setup`) let another program reuse it."""
+    Trainer_ = trainer_cls or Trainer  # noqa: N806
+    cfg = (setup_fn or setup)(args)
     if args.eval_only:
-        model = Trainer.build_model(cfg)
+        model = Trainer_.build_model(cfg)
         checkpointer = AQDCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         loaded = (checkpointer.get_checkpoint_file() if args.resume and checkpointer.has_checkpoint()
                   else cfg.MODEL.WEIGHTS)
         _check_complete_load(checkpointer, loaded, args.allow_incomplete_weights)
-        res = Trainer.test(cfg, model)
+        res = Trainer_.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
 
-    trainer = Trainer(cfg)
+    trainer = Trainer_(cfg)
     trainer.resume_or_load(resume=args.resume)
     try:
         return trainer.train()
@@ -250,15 +254,18 @@ def _fail(err: BaseException) -> int:
     return 2
 
 
-def cli(argv: Optional[List[str]] = None) -> int:
-    """The ``aqd-train`` / ``train_net.py`` entry point; returns the exit status."""
-    args = build_parser().parse_args(argv)
+def cli(argv: Optional[List[str]] = None, parser: Optional[argparse.ArgumentParser] = None,
+        prepare_fn=None, main_fn=None) -> int:
+    """The ``aqd-train`` / ``train_net.py`` entry point; returns the exit status. ``parser``,
+    ``prepare_fn`` and ``main_fn`` (defaults: :func:`build_parser`, :func:`prepare`,
+    :func:`main`) let another program (``tools/pretrain_backbone.py``) reuse it."""
+    args = (parser or build_parser()).parse_args(argv)
     if args.num_gpus == 1 and args.num_cpu_procs > 0:
         args.num_gpus = 0  # detectron2's parser defaults --num-gpus to 1
     print("Command Line Args:", args)
     try:
-        prepare(args)  # fail here, once, before any process is started
-        launch(main, args.num_gpus, num_machines=args.num_machines,
+        (prepare_fn or prepare)(args)  # fail here, once, before any process is started
+        launch(main_fn or main, args.num_gpus, num_machines=args.num_machines,
                machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,),
                num_cpu_processes=args.num_cpu_procs)
     except USER_ERRORS as e:

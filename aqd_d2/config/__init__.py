@@ -19,6 +19,7 @@ from detectron2.config import CfgNode as CN
 from . import bidet, centernet_yolo, datasets, detectors, engine, quant, rcnn, reliability, ssd
 from . import bidet_ssd  # MODEL.BIDET.SSD_* (after bidet, which creates MODEL.BIDET)
 from . import pruning  # AQD.PRUNING, MODEL.SHUFFLENETV2, MODEL.LIGHT_HEAD
+from . import pretrain  # MODEL.CLS, AQD.PRETRAIN (backbone pretraining, issue 17)
 from .checks import ConfigError, check_choice, check_range, get_key
 
 __all__ = ["add_aqd_config", "validate_aqd_config", "ConfigError", "check_choice", "check_range",
@@ -26,7 +27,7 @@ __all__ = ["add_aqd_config", "validate_aqd_config", "ConfigError", "check_choice
 
 # quant first: other sections may read MODEL.QUANT; engine creates the AQD node.
 SECTIONS = (quant, engine, datasets, detectors, centernet_yolo, ssd, bidet, bidet_ssd, rcnn,
-            reliability, pruning)
+            reliability, pruning, pretrain)
 
 
 def add_aqd_config(cfg: CN) -> CN:

@@ -24,8 +24,11 @@ from .register import (
 )
 from .scenes import CLASS_NAMES, KITTI_CLASSES, SHAPE_CLASSES
 
+from .classification import register_classification_families  # noqa: E402
+
 # Registration: names only, nothing is generated or read until a dataset is used.
 register_all()
+register_classification_families()  # aqd_shapes_cls(_tiny)_{train,val} (backbone pretraining)
 
 _LAZY = {
     "generate_split": "synthetic", "render_image": "synthetic", "SyntheticImage": "synthetic",

@@ -117,6 +117,17 @@ class SyntheticFamily:
         return dataset_fingerprint(self.kind, self.fmt, self.num_train, self.num_val, self.num_test,
                                    self.height, self.width, self.seed)
 
+    def write(self, directory: str) -> None:
+        """Generate the family's files into ``directory`` (marker file last).
+
+        Args:
+            directory: an empty directory.
+        """
+        from .formats import write_dataset
+
+        write_dataset(directory, self.kind, self.fmt, self.num_train, self.num_val,
+                      self.num_test, self.height, self.width, self.seed)
+
 
 #: The embedded dataset families (see the module docstring for the registered names).
 FAMILIES: Tuple[SyntheticFamily, ...] = (
@@ -170,7 +181,9 @@ def ensure_generated(family: SyntheticFamily) -> str:
     """Make sure the family's files exist under the current datasets root; generate them if not.
 
     Args:
-        family: the dataset family.
+        family: the dataset family (any object with ``name``, ``splits``, ``directory()``,
+            ``fingerprint()`` and ``write(directory)``, e.g. the classification families of
+            :mod:`aqd_d2.data.classification`).
 
     Returns:
         the family's directory.
@@ -178,7 +191,7 @@ def ensure_generated(family: SyntheticFamily) -> str:
     Raises:
         FileExistsError: the directory exists but was not written by this generator.
     """
-    from .formats import MARKER_FILE, write_dataset
+    from .formats import MARKER_FILE
 
     final, expected = family.directory(), family.fingerprint()
     if _read_marker(final) == expected:
@@ -198,8 +211,7 @@ def ensure_generated(family: SyntheticFamily) -> str:
         tmp = tempfile.mkdtemp(prefix=f".{family.name}.tmp-", dir=root)
         try:
             os.chmod(tmp, 0o755)
-            write_dataset(tmp, family.kind, family.fmt, family.num_train, family.num_val,
-                          family.num_test, family.height, family.width, family.seed)
+            family.write(tmp)
             if os.path.exists(final):  # stale: written by other generator settings
                 logger.warning("Replacing %s: it was generated with %s, expected %s", final, found, expected)
                 trash = tempfile.mkdtemp(prefix=f".{family.name}.old-", dir=root)

@@ -22,10 +22,13 @@ from typing import Any, Dict
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["AQDCheckpointer", "CheckpointError", "QUANTIZER_STATE_MARKERS"]
+__all__ = ["AQDCheckpointer", "CheckpointError", "QUANTIZER_STATE_MARKERS", "BACKBONE_CHECKPOINT_KEY"]
 
 #: substrings of state_dict keys that belong to quantizers (absent from float checkpoints)
 QUANTIZER_STATE_MARKERS = ("weight_quantizer.", "input_quantizer.", "act_quantizer.")
+#: checkpoint entry of a backbone-pretraining run (aqd_d2.engine.pretrain): its value lists
+#: the key prefixes that are not the backbone (the classifier head), which a detector ignores
+BACKBONE_CHECKPOINT_KEY = "aqd_backbone_pretraining"
 
 
 class CheckpointError(RuntimeError):
@@ -58,6 +61,9 @@ class AQDCheckpointer(DetectionCheckpointer):
                  **checkpointables):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.min_match = float(min_match)
+        #: entries added to every checkpoint this checkpointer saves (e.g. the
+        #: backbone-pretraining marker, BACKBONE_CHECKPOINT_KEY)
+        self.extra_state: Dict[str, Any] = {}
 
     # ---- writing ----------------------------------------------------------------------
     def _is_local(self) -> bool:
@@ -71,6 +77,7 @@ class AQDCheckpointer(DetectionCheckpointer):
         data: Dict[str, Any] = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
+        data.update(self.extra_state)
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
@@ -120,7 +127,10 @@ class AQDCheckpointer(DetectionCheckpointer):
         ckpt = checkpoint["model"]
         model_state = self.model.state_dict()
         float_keys = [k for k in model_state if not any(m in k for m in QUANTIZER_STATE_MARKERS)]
-        if not checkpoint.get("matching_heuristics", False) and float_keys:
+        backbone = checkpoint.get(BACKBONE_CHECKPOINT_KEY)
+        if backbone is not None:
+            self._check_backbone_fits(ckpt, model_state, backbone)
+        elif not checkpoint.get("matching_heuristics", False) and float_keys:
             matched = [
                 k for k in float_keys
                 if k in ckpt and hasattr(ckpt[k], "shape")
@@ -149,3 +159,18 @@ class AQDCheckpointer(DetectionCheckpointer):
             self.last_incompatible = incompatible
             self.last_other_missing = other_missing
         return incompatible
+
+    def _check_backbone_fits(self, ckpt: Dict[str, Any], model_state: Dict[str, Any],
+                             info: Dict[str, Any]) -> None:
+        """A pretrained-backbone checkpoint covers only the backbone of a detector: at least
+        ``min_match`` of *its* backbone tensors must match the model by name and shape."""
+        head = tuple(info.get("head_prefixes", ()))
+        keys = [k for k in ckpt if not k.startswith(head) if hasattr(ckpt[k], "shape")]
+        matched = [k for k in keys if k in model_state
+                   and tuple(ckpt[k].shape) == tuple(model_state[k].shape)]
+        if keys and len(matched) < self.min_match * len(keys):
+            raise CheckpointError(
+                f"this pretrained backbone ({info.get('backbone', '?')}) does not fit the model: "
+                f"only {len(matched)} of its {len(keys)} tensors match by name and shape, e.g. "
+                f"not {[k for k in keys if k not in matched][:3]}. Pretrain with the config that "
+                "the detection config names ('# Pretrained backbone:')")

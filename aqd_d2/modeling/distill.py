@@ -44,7 +44,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from aqd_d2.config import ConfigError, validate_aqd_config
 
-__all__ = ["KnowledgeTransfer", "KnowledgeTransferLoss", "build_teacher_config", "resolve_layers"]
+__all__ = ["KnowledgeTransfer", "KnowledgeTransferLoss", "build_teacher_config",
+           "frozen_teacher_config", "resolve_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -172,32 +173,44 @@ class KnowledgeTransferLoss:
         self._feats = {"student": {}, "teacher": {}}
 
 
-def build_teacher_config(cfg: CfgNode) -> CfgNode:
-    """The teacher's config: ``MODEL.KT.TEACHER_CONFIG`` merged into a fresh aqd_d2 config, or
-    this cfg with quantization off and the student's meta-architecture; in both, without
-    training schedules (``AQD.STAGE_BINARIZATION``, ``AQD.PRUNING``)."""
-    kt = cfg.MODEL.KT
-    if kt.TEACHER_CONFIG:
+def frozen_teacher_config(cfg: CfgNode, config_file: str = "",
+                          meta_architecture: str = "") -> CfgNode:
+    """A frozen teacher's config: ``config_file`` merged into a fresh aqd_d2 config (on
+    ``cfg``'s device), or ``cfg`` with quantization off (and ``MODEL.META_ARCHITECTURE =
+    meta_architecture`` if given); in both, without the student's training schedules
+    (``AQD.STAGE_BINARIZATION``, ``AQD.PRUNING``). Shared by ``MODEL.KT`` and ``MODEL.CLS``'s
+    distillation (:mod:`aqd_d2.modeling.meta_arch.classifier`)."""
+    if config_file:
         from detectron2.config import get_cfg
 
         from aqd_d2.config import add_aqd_config
 
         tcfg = add_aqd_config(get_cfg())
-        tcfg.merge_from_file(kt.TEACHER_CONFIG)
+        tcfg.merge_from_file(config_file)
         tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
     else:
         tcfg = cfg.clone()
         tcfg.defrost()
-        tcfg.MODEL.META_ARCHITECTURE = kt.STUDENT_META_ARCHITECTURE
+        if meta_architecture:
+            tcfg.MODEL.META_ARCHITECTURE = meta_architecture
         tcfg.MODEL.QUANT.ENABLED = False
-    if tcfg.MODEL.META_ARCHITECTURE == "KnowledgeTransfer":
-        raise ConfigError("the teacher config must not itself use MODEL.META_ARCHITECTURE "
-                          "'KnowledgeTransfer'")
     # The teacher is frozen: no training schedule (stage-wise binarization, pruning) of the
     # student's config applies to it.
     tcfg.AQD.STAGE_BINARIZATION.GROUPS = []
     tcfg.AQD.STAGE_BINARIZATION.ITERS = []
     tcfg.AQD.PRUNING.METHOD = "none"
+    return tcfg
+
+
+def build_teacher_config(cfg: CfgNode) -> CfgNode:
+    """The teacher's config: ``MODEL.KT.TEACHER_CONFIG`` merged into a fresh aqd_d2 config, or
+    this cfg with quantization off and the student's meta-architecture; in both, without
+    training schedules (``AQD.STAGE_BINARIZATION``, ``AQD.PRUNING``)."""
+    kt = cfg.MODEL.KT
+    tcfg = frozen_teacher_config(cfg, kt.TEACHER_CONFIG, kt.STUDENT_META_ARCHITECTURE)
+    if tcfg.MODEL.META_ARCHITECTURE == "KnowledgeTransfer":
+        raise ConfigError("the teacher config must not itself use MODEL.META_ARCHITECTURE "
+                          "'KnowledgeTransfer'")
     return tcfg
 
 
