@@ -2,7 +2,9 @@
 """The project's two entry points; each first makes sure the environment exists.
 
     python3 tools/run.py demo   # train + evaluate the CPU RetinaNet-R18 demo, draw detections
-    python3 tools/run.py test   # the test suite (extra arguments go to pytest)
+    python3 tools/run.py test   # the test suite (extra arguments go to pytest; on a machine
+                                # with several cores it runs in parallel with pytest-xdist,
+                                # one worker per core up to 4; "-n 0" runs it in one process)
     python3 tools/run.py setup  # only build the environment
 
 Each takes ``--detectron2 PATH`` right after the command: a detectron2 source folder or
@@ -22,6 +24,18 @@ from pathlib import Path
 sys.dont_write_bytecode = True
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+
+
+def _parallel(rest) -> list:
+    """pytest-xdist arguments unless the caller chose (``-n`` / ``--numprocesses``, or
+    ``-p no:xdist``):
+    one worker per core, at most 4 (each test already uses torch's threads; more workers than
+    cores only adds memory). Work stealing balances the long end-to-end tests."""
+    if "no:xdist" in rest or any(a == "--numprocesses" or a.startswith(("-n", "--numprocesses=")) for a in rest):
+        return []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(cores, 4)
+    return ["-n", str(workers), "--dist", "worksteal"] if workers > 1 else []
 
 
 def main(argv) -> int:
@@ -47,7 +61,7 @@ def main(argv) -> int:
     if cmd == "setup":
         return 0
     if cmd == "test":
-        return subprocess.call([python, "-m", "pytest", "tests", *rest], cwd=REPO)
+        return subprocess.call([python, "-m", "pytest", "tests", *_parallel(rest), *rest], cwd=REPO)
     return subprocess.call([python, str(HERE / "demo.py"), *rest], cwd=REPO)
 
 
