@@ -304,7 +304,7 @@ def plan_iterations(calib: dict, args, gan_every: int) -> Dict[str, int]:
     fp = max(cost(d, "fp") for d in args.detectors) * 2.0  # float phase: detectors side by side
     main = sum(cost(d, r) for d in args.detectors for r in runs) * len(args.seeds)
     cells = len(args.sweep_betas) * len(args.sweep_gammas) if args.sweep else 0
-    sweep = cost(args.sweep_detector, "bidet") * 0.5 * cells
+    sweep = cost(args.sweep_detector, "bidet") * 0.5 * cells if cells else 0.0
     n_runs = len(args.detectors) * (1 + len(runs) * len(args.seeds)) + cells
     fixed = 2 * STARTUP_S + args.eval_s * (len(args.detectors) + (n_runs - len(args.detectors)) / args.jobs)
     per_iter = fp + (main + sweep) / args.jobs

@@ -113,6 +113,21 @@ def test_gan_every_auto_and_budget_from_calibration(tmp_path):
         study.plan_iterations(calib, study.parse_args(["--out", str(tmp_path), "--budget-s", "50"]), 1)
 
 
+def test_budget_needs_only_the_calibrated_detectors_without_sweep(tmp_path):
+    # a C4-only study calibrates c4 alone; without --sweep the sweep detector's time is not needed
+    study = _study()
+    calib = {"c4/fp_gan1": 4.0, "c4/xnor_gan1": 5.76, "c4/bidet_gan1": 5.78,
+             "c4/autobidet_gan1": 7.21, "c4/autobidet_gan0": 5.81}
+    args = study.parse_args(["--out", str(tmp_path), "--detectors", "c4", "--seeds", "0", "1", "2",
+                             "--jobs", "2", "--budget-s", "4600"])
+    # per n: float 2 x 4.0, binary 3 seeds x (5.76 + 5.78 + 7.21) / 2 jobs = 36.125 s;
+    # fixed: 2 x 30 s start-up + 20 s x (1 + 9 / 2) evaluations = 170 s -> n = 4430 / 36.125 = 122
+    assert study.plan_iterations(calib, args, 1) == {"fp": 244, "main": 122, "sweep": 61}
+    with pytest.raises(SystemExit, match="no time for ssd/bidet_gan1"):
+        study.plan_iterations(calib, study.parse_args(
+            ["--out", str(tmp_path), "--detectors", "c4", "--sweep", "--budget-s", "4600"]), 1)
+
+
 def test_overrides_swallowed_by_only_are_an_error(tmp_path):
     study = _study()
     args = study.parse_args(["--out", str(tmp_path), "--only", "xnor", "--max-iter", "3", "SOLVER.BASE_LR", "0.1"])
