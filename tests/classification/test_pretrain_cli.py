@@ -89,3 +89,40 @@ def test_bad_input_exits_2_with_one_line(args, message, capsys):
     assert cli(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def _top(text):
+    """The evaluator's line: '<dataset>: top1 x%, top5 y% over N images' -> (top1, top5, N)."""
+    line = [l for l in text.splitlines() if "top1 " in l and " over " in l][-1]
+    tail = line.split("top1 ", 1)[1]
+    top1 = float(tail.split("%", 1)[0])
+    top5 = float(tail.split("top5 ", 1)[1].split("%", 1)[0])
+    n = int(tail.split(" over ", 1)[1].split()[0])
+    return top1, top5, n
+
+
+def test_two_cpu_processes_train_and_evaluate_every_image_once(tmp_path):
+    """--num-cpu-procs 2 (gloo DDP, detectron2's launch path): trains, saves one checkpoint, and
+    the final evaluation sums the two ranks' counts: every validation image exactly once, with
+    the same top-1 / top-5 as a one-process --eval-only of that checkpoint."""
+    from detectron2.data import DatasetCatalog
+
+    DatasetCatalog.get("aqd_shapes_cls_tiny_val")  # generate once, before two ranks race for it
+    DatasetCatalog.get("aqd_shapes_cls_tiny_train")
+    n_val = len(DatasetCatalog.get("aqd_shapes_cls_tiny_val"))
+    out = tmp_path / "ddp"
+    opts = tiny_pretrain_opts(out, max_iter=3) + ["SOLVER.CHECKPOINT_PERIOD", "100"]
+    res = _run(["--config-file", CONFIG, "--num-cpu-procs", "2", *opts], timeout=600)
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text[-3000:]
+    assert "World size: 2" in text
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["iteration"] == 2
+    assert not any(k.startswith("module.") for k in final["model"])  # saved unwrapped
+    top1, top5, n = _top(text)
+    assert n == n_val
+
+    res = _run(["--config-file", CONFIG, "--eval-only", *opts, "MODEL.WEIGHTS",
+                str(out / "model_final.pth"), "OUTPUT_DIR", str(tmp_path / "ev")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _top(res.stdout + res.stderr) == (top1, top5, n_val)
