@@ -46,6 +46,12 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+# The runs are spawned processes, and so are their DataLoader workers (a spawned process
+# starts its own children with spawn). A spawned worker re-imports this script as __mp_main__
+# before it unpickles the loader's dataset: importing aqd_d2 here applies its detectron2 compat
+# shims there first (detectron2 0.6's transforms need PIL.Image.LINEAR, gone from Pillow 10).
+import aqd_d2  # noqa: E402,F401  isort:skip
+
 REPO = Path(__file__).resolve().parent.parent
 
 #: (run, method label, config) per detector; the float run first (it initialises the others)
@@ -151,7 +157,13 @@ def run_one(spec: dict) -> dict:
 
     start = time.time()
     trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=False)
+    # a run stopped after a checkpoint (killed, or its evaluation failed after model_final)
+    # continues from it, as train_net.py --resume does; --force starts over
+    if spec.get("force"):
+        for stale in out_dir.glob("*.pth"):
+            stale.unlink()
+        (out_dir / "last_checkpoint").unlink(missing_ok=True)
+    trainer.resume_or_load(resume=True)
     _gan_every(trainer, int(spec.get("gan_every", 1)))
     trainer.register_hooks([IterTimer()])
     trainer.train()

@@ -137,3 +137,48 @@ def test_overrides_swallowed_by_only_are_an_error(tmp_path):
     with pytest.raises(SystemExit, match="--calibrate first"):
         study.main(["--out", str(tmp_path), "--gan-every", "auto"])
     assert not any(p.suffix == ".json" for p in tmp_path.rglob("*"))  # nothing ran
+
+
+def test_spawned_dataloader_workers_get_the_compat_shims():
+    """A run's DataLoader workers are spawned and re-import tools/bidet_study.py as __mp_main__
+    before unpickling detectron2 objects: in a fresh interpreter, that import alone must make
+    detectron2.data importable (on detectron2 0.6 + Pillow >= 10 it needs aqd_d2's shim;
+    the study's evaluation loader died with "PIL.Image has no attribute LINEAR")."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import runpy; runpy.run_path(%r, run_name='__mp_main__'); "
+            "import detectron2.data; from detectron2.data.transforms import ExtentTransform; print('ok')"
+            % str(REPO / "tools" / "bidet_study.py"))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+def test_spawned_runs_with_a_dataloader_worker_evaluate_and_resume(tmp_path):
+    """The study's own path, as a command: runs in spawned processes (--jobs 2), one DataLoader
+    worker each, evaluation at the end. A run whose result is missing but whose model_final
+    exists (its evaluation failed) is evaluated again without retraining."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(REPO / "tools" / "bidet_study.py"), "--out", str(tmp_path), "--detectors", "c4",
+           "--only", "xnor", "--seeds", "0", "--max-iter", "2", "--workers", "1", "--jobs", "2", *TINY]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    fp = tmp_path / "c4" / "fp" / "seed0"
+    first = json.loads((fp / "result.json").read_text())
+    assert "AP50" in first and first["TP"] + first["FN"] > 0
+    assert "AP50" in json.loads((tmp_path / "c4" / "xnor" / "seed0" / "result.json").read_text())
+    (fp / "result.json").unlink()
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    import re
+
+    starts = [int(x) for x in re.findall(r"Starting training from iteration (\d+)", res.stdout + res.stderr)]
+    assert starts and min(starts) >= 2, starts  # resumed after the last iteration: nothing retrained
+    again = json.loads((fp / "result.json").read_text())
+    assert again["AP50"] == first["AP50"] and again["TP"] == first["TP"]
