@@ -15,8 +15,8 @@
         --seeds 0 1 2 --jobs 2         # one pretrained + one scratch detector per seed
 
 Runs the pretraining stages one at a time and ``--jobs`` detection runs at a time; a run whose
-OUTPUT_DIR holds model_final.pth is not repeated (delete the folder to redo it). Extra ``KEY VALUE`` overrides after ``--`` go to every
-detection run.
+OUTPUT_DIR holds model_final.pth is not repeated (delete the folder to redo it). Extra
+``KEY VALUE`` overrides after ``--`` go to every detection run.
 """
 from __future__ import annotations
 
@@ -115,9 +115,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             per[kind][seed] = r
         rows.append((name, det_cfg, d, fp, binary, per))
     nan = float("nan")
-    print(f"\n| binary detector (Xnor-Net) | iterations | float backbone top-1 / top-5 | "
-          f"binary backbone top-1 / top-5 | AP50 from the binary backbone | AP50 from scratch | "
-          f"pretrained better (seeds) | AP pretrained / scratch |")
+    print("\n| binary detector (Xnor-Net) | iterations | float backbone top-1 / top-5 | "
+          "binary backbone top-1 / top-5 | AP50 from the binary backbone | AP50 from scratch | "
+          "pretrained better (seeds) | AP pretrained / scratch |")
     print("|---|---|---|---|---|---|---|---|")
     for name, det_cfg, d, fp, binary, per in rows:
         cells = [f"{r.get('top1', nan):.1f} / {r.get('top5', nan):.1f}" for r in (fp, binary)]
