@@ -13,9 +13,13 @@ aqd_shapes_cls_tiny_{train,val} 24 / 12 scenes (the tests)          ~60/~30     
 
 The embedded set crops every annotated, at most 30% occluded object of at least 6 pixels out
 of scenes of :mod:`aqd_d2.data.synthetic` (kind "shapes", seed 1, split names
-``cls_train`` / ``cls_val``: other images than the detection datasets), as a square around
-its box (1.25 x its longer side, shifted into the image), resized to the family's size and
-saved as ``<root>/<family>/<split>/<class>/<scene>_<k>.JPEG``: an ImageNet-layout folder,
+``cls_train`` / ``cls_val``: other images than the detection datasets), as a square centred
+on its box (shifted into the image): by default (``scale="native"``) a window of the family's
+size at the scene's own scale, the object as large as the detectors see it (a square of
+1.25 x its longer side where that is larger, resized to the family's size). ``scale="fit"``
+(the crops of CROP_VERSION 1) resizes the 1.25 x square to the family's size, so that a
+10-pixel object fills a 64-pixel crop, 4-8x larger than the detectors see it (README,
+"Pretraining a backbone": the C4 ablations with both rules). Saved as ``<root>/<family>/<split>/<class>/<scene>_<k>.JPEG``: an ImageNet-layout folder,
 deterministic (same bytes for the same Pillow) and generated under the same lock / marker
 as the detection families (:func:`aqd_d2.data.register.ensure_generated`).
 
@@ -51,7 +55,10 @@ logger = logging.getLogger(__name__)
 #: ``evaluator_type`` of every classification dataset (the pretraining trainer's evaluator)
 CLASSIFICATION_EVALUATOR_TYPE = "classification"
 #: Bump when the crops for the same family parameters change (invalidates generated folders).
-CROP_VERSION = 1
+#: 2: the ``scale`` field ("native" crops).
+CROP_VERSION = 2
+#: the crop rules of :attr:`ClassificationFamily.scale`
+CROP_SCALES = ("native", "fit")
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,10 @@ class ClassificationFamily:
         seed: generator seed of the scenes.
         min_box: objects whose box is smaller on either side are not cropped.
         max_occlusion: objects hidden more than this fraction are not cropped.
+        scale: ``"native"``: a ``size``-pixel window centred on the object at the scene's
+            own scale, i.e. the scale the detectors of the embedded detection sets see
+            (an object whose 1.25 x box does not fit is shrunk to fit); ``"fit"``: the
+            1.25 x box resized to ``size`` (small objects upsampled, up to 8x).
     """
 
     name: str
@@ -76,6 +87,12 @@ class ClassificationFamily:
     seed: int = 1
     min_box: int = 6
     max_occlusion: float = 0.3
+    scale: str = "native"
+
+    def __post_init__(self):
+        if self.scale not in CROP_SCALES:
+            raise ValueError(f"ClassificationFamily {self.name!r}: scale = {self.scale!r}, "
+                             f"expected one of {CROP_SCALES}")
 
     @property
     def splits(self) -> Dict[str, int]:
@@ -102,7 +119,8 @@ class ClassificationFamily:
         return {"classification": True, "crop_version": CROP_VERSION,
                 "generator_version": GENERATOR_VERSION, "num_train": self.num_train,
                 "num_val": self.num_val, "size": self.size, "scene_size": self.scene_size,
-                "seed": self.seed, "min_box": self.min_box, "max_occlusion": self.max_occlusion}
+                "seed": self.seed, "min_box": self.min_box, "max_occlusion": self.max_occlusion,
+                "scale": self.scale}
 
     def write(self, directory: str) -> None:
         """Generate the crops into ``directory`` (marker file last).
@@ -146,7 +164,10 @@ class ClassificationFamily:
         x0, y0, x1, y1 = bbox
         if min(x1 - x0, y1 - y0) < self.min_box:
             return None
-        side = min(self.scene_size, int(round(1.25 * max(x1 - x0, y1 - y0))))
+        side = int(round(1.25 * max(x1 - x0, y1 - y0)))
+        if self.scale == "native":
+            side = max(side, self.size)
+        side = min(self.scene_size, side)
         cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
         left = int(round(min(max(cx - side / 2.0, 0), self.scene_size - side)))
         top = int(round(min(max(cy - side / 2.0, 0), self.scene_size - side)))

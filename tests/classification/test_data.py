@@ -1,6 +1,7 @@
 """The embedded classification set, ImageNet-layout folder registration and the mapper
 (issue 17 items 1 and 4)."""
 import hashlib
+import io
 import os
 
 import numpy as np
@@ -43,6 +44,51 @@ def test_embedded_set_is_deterministic_imagenet_layout(tmp_path):
             assert files and all(f.endswith(".JPEG") for f in files)
             with Image.open(tmp_path / "a" / split / c / files[0]) as im:
                 assert im.size == (24, 24) and im.mode == "RGB"
+
+
+def test_crop_box_native_and_fit_scale():
+    """Hand-computed crop windows (scene 128 px, crop size 64)."""
+    native = ClassificationFamily("n", 1, 1, size=64)
+    fit = ClassificationFamily("f", 1, 1, size=64, scale="fit")
+    assert native.scale == "native"
+    # a 10 x 8 object centred at (45, 44): native = the 64-px window around it (no resize),
+    # fit = its 1.25 x 10 = 12.5 -> 12-px square (resized 5.3x to 64 px)
+    assert native._crop_box((40, 40, 50, 48)) == (13, 12, 77, 76)
+    assert fit._crop_box((40, 40, 50, 48)) == (39, 38, 51, 50)
+    # near the border: shifted into the scene
+    assert native._crop_box((0, 120, 10, 128)) == (0, 64, 64, 128)
+    # an object whose 1.25 x box (80 px) exceeds the window: the same square in both rules
+    assert native._crop_box((20, 20, 84, 60)) == fit._crop_box((20, 20, 84, 60)) == (12, 0, 92, 80)
+    # smaller than min_box: not cropped
+    assert native._crop_box((0, 0, 5, 30)) is None
+    assert native.fingerprint()["scale"] == "native" and fit.fingerprint()["scale"] == "fit"
+    with pytest.raises(ValueError, match="scale = 'huge'"):
+        ClassificationFamily("x", 1, 1, scale="huge")
+
+
+def test_native_crops_keep_the_scene_scale(tmp_path):
+    """A native crop is the scene's pixels, unresized, wherever the object fits the window."""
+    from aqd_d2.data.synthetic import generate_split
+
+    family = ClassificationFamily("x", 10, 8, size=32)
+    family.write(str(tmp_path))
+    scene = next(iter(generate_split(10, family.seed, "cls_train", 128, 128, "shapes")))
+    pixels = Image.open(io.BytesIO(scene.jpeg)).convert("RGB")
+    checked = 0
+    for k, ann in enumerate(scene.annotations):
+        box = family._crop_box(ann.bbox)
+        if box is None or ann.occluded > family.max_occlusion or box[2] - box[0] != 32:
+            continue
+        name = SHAPE_CLASSES[ann.category_id]
+        with Image.open(tmp_path / "train" / name / f"{scene.file_stem}_{k}.JPEG") as im:
+            saved = np.asarray(im, dtype=np.float32)
+        # exactly the scene's pixels in the window, JPEG-encoded as write() encodes (no resize)
+        buf = io.BytesIO()
+        pixels.crop(box).save(buf, format="JPEG", quality=95)
+        with Image.open(buf) as ref:
+            assert np.array_equal(saved, np.asarray(ref, dtype=np.float32))
+        checked += 1
+    assert checked
 
 
 def test_registered_embedded_set_loads_with_imagefolder_labels():
