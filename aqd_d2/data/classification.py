@@ -19,9 +19,10 @@ size at the scene's own scale, the object as large as the detectors see it (a sq
 1.25 x its longer side where that is larger, resized to the family's size). ``scale="fit"``
 (the crops of CROP_VERSION 1) resizes the 1.25 x square to the family's size, so that a
 10-pixel object fills a 64-pixel crop, 4-8x larger than the detectors see it (README,
-"Pretraining a backbone": the C4 ablations with both rules). Saved as ``<root>/<family>/<split>/<class>/<scene>_<k>.JPEG``: an ImageNet-layout folder,
-deterministic (same bytes for the same Pillow) and generated under the same lock / marker
-as the detection families (:func:`aqd_d2.data.register.ensure_generated`).
+"Pretraining a backbone": the C4 ablations with both rules). Saved as
+``<root>/<family>/<split>/<class>/<scene>_<k>.JPEG``: an ImageNet-layout folder,
+deterministic (same bytes for the same Pillow) and generated under the same lock / marker as
+the detection families (:func:`aqd_d2.data.register.ensure_generated`).
 
 Dataset dicts: ``{"file_name", "label", "image_id"}``; metadata ``thing_classes`` (the class
 folder names, sorted as ImageFolder sorts them: the label order), ``image_root`` and
