@@ -102,14 +102,16 @@ def _images(cfg, dataset_name: str, limit: Optional[int]) -> List[dict]:
     """Dataset dicts with at least one object, the test-time resize applied (image tensor in
     INPUT.FORMAT, XYXY boxes, classes)."""
     dicts = DatasetCatalog.get(dataset_name)
-    aug = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    # MIN_SIZE_TEST 0: no resize (as detectron2's DatasetMapper at test time)
+    aug = (T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+           if cfg.INPUT.MIN_SIZE_TEST else T.NoOpTransform())
     out = []
     for d in dicts:
         anns = [a for a in d.get("annotations", []) if not a.get("iscrowd", 0)]
         if not anns:
             continue
         img = utils.read_image(d["file_name"], format=cfg.INPUT.FORMAT)
-        t = aug.get_transform(img)
+        t = aug.get_transform(img) if isinstance(aug, T.Augmentation) else aug
         img = t.apply_image(img)
         boxes = np.stack([BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns])
         out.append({"image": torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1))),
@@ -146,6 +148,8 @@ def roi_features(model: nn.Module, images: Sequence[Mapping], negatives_per_obje
     if bn not in ("train", "eval"):
         raise ValueError(f"bn = {bn!r}: 'train' (per-batch statistics) or 'eval' (running statistics)")
     _check_model(model)
+    if not len(images):
+        raise ValueError("roi_features needs at least one image")
     heads = model.roi_heads
     num_classes = heads.num_classes
     g = torch.Generator().manual_seed(seed)

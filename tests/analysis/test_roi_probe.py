@@ -123,6 +123,19 @@ def test_probe_refuses_a_one_stage_detector():
     with pytest.raises(ValueError, match="bn = 'x'"):
         from aqd_d2.analysis.roi_probe import roi_features
         roi_features(build_model(_cfg()), [], bn="x")
+    with pytest.raises(ValueError, match="at least one image"):
+        roi_features(build_model(_cfg()), [])
+
+
+def test_probe_without_test_resize():
+    """INPUT.MIN_SIZE_TEST 0 keeps the images' own size (detectron2's test-time meaning)."""
+    from aqd_d2.analysis.roi_probe import _images
+    cfg = _cfg(["INPUT.MIN_SIZE_TEST", "0"])
+    imgs = _images(cfg, "aqd_shapes_voc_tiny_val", 2)
+    assert all(tuple(d["image"].shape[1:]) == (128, 128) for d in imgs)
+    resized = _images(_cfg(), "aqd_shapes_voc_tiny_val", 2)
+    assert all(tuple(d["image"].shape[1:]) == (64, 64) for d in resized)
+    assert torch.allclose(resized[0]["boxes"], imgs[0]["boxes"] / 2)
 
 
 def test_probe_cli_writes_json(tmp_path):
