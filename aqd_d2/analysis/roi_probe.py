@@ -124,14 +124,11 @@ def _images(cfg, dataset_name: str, limit: Optional[int]) -> List[dict]:
     return out
 
 
-def _set_bn_train(model: nn.Module, train: bool) -> Dict[nn.Module, bool]:
-    """BN layers to training mode (per-batch statistics) or eval mode; returns the old modes."""
-    old = {}
+def _set_bn_train(model: nn.Module, train: bool) -> None:
+    """BN layers to training mode (per-batch statistics) or eval mode."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            old[m] = m.training
             m.train(train)
-    return old
 
 
 @torch.no_grad()
@@ -156,7 +153,7 @@ def roi_features(model: nn.Module, images: Sequence[Mapping], negatives_per_obje
     was_training = model.training
     model.eval()
     saved = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
-    old = _set_bn_train(model, bn == "train")
+    _set_bn_train(model, bn == "train")
     pooled, head, labels, kinds = [], [], [], []
     try:
         for i in range(0, len(images), batch_size):
@@ -174,9 +171,7 @@ def roi_features(model: nn.Module, images: Sequence[Mapping], negatives_per_obje
             x = heads.box_pooler([feats[f] for f in heads.box_in_features], boxes)
             pooled.append(x.mean(dim=(2, 3)).float().cpu())
             head.append(heads.box_head(x).flatten(1).float().cpu())
-    finally:
-        for m, mode in old.items():
-            m.train(mode)
+    finally:  # running statistics and every module's mode (BN included) as they were
         model.load_state_dict(saved, strict=False)
         model.train(was_training)
     return {"pooled": torch.cat(pooled), "head": torch.cat(head), "labels": torch.cat(labels),
